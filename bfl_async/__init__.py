@@ -1,0 +1,72 @@
+"""bfl_async: the async client for Black Forest Labs' FLUX API.
+
+async with AsyncBFL() as client:
+    image = await client.generate("flux-2-pro", prompt="a red fox", output_dir="out/")
+"""
+
+from ._client import AsyncBFL, OnSubmitted
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    BFLError,
+    DownloadError,
+    GenerationError,
+    InsufficientCreditsError,
+    InvalidRequestError,
+    MissingAPIKeyError,
+    ModerationError,
+    NotFoundError,
+    OutputExistsError,
+    ParameterError,
+    Problem,
+    RateLimitError,
+    ResultExpiredError,
+    ServerError,
+    SubmissionUncertainError,
+    TaskError,
+    TaskNotFoundError,
+    UnknownModelError,
+    WaitTimeoutError,
+)
+from ._limits import Limiter
+from ._models import GeneratedImage, Outcome, Result, Task, Timings
+from ._polling import Backoff, PollSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "AsyncBFL",
+    "AuthenticationError",
+    "BFLError",
+    "Backoff",
+    "DownloadError",
+    "GeneratedImage",
+    "GenerationError",
+    "InsufficientCreditsError",
+    "InvalidRequestError",
+    "Limiter",
+    "MissingAPIKeyError",
+    "ModerationError",
+    "NotFoundError",
+    "OnSubmitted",
+    "Outcome",
+    "OutputExistsError",
+    "ParameterError",
+    "PollSchedule",
+    "Problem",
+    "RateLimitError",
+    "Result",
+    "ResultExpiredError",
+    "ServerError",
+    "SubmissionUncertainError",
+    "Task",
+    "TaskError",
+    "TaskNotFoundError",
+    "Timings",
+    "UnknownModelError",
+    "WaitTimeoutError",
+    "__version__",
+]

@@ -1,0 +1,630 @@
+"""`AsyncBFL`: validate → take a slot → submit → watch until terminal → release → download."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import inspect
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Literal, overload
+
+import anyio
+import anyio.abc
+import httpx
+
+from ._catalog import CATALOG
+from ._download import IMAGE_SUFFIXES, Downloader
+from ._errors import (
+    APIConnectionError,
+    BFLError,
+    MissingAPIKeyError,
+    OutputExistsError,
+    ParameterError,
+    Problem,
+    WaitTimeoutError,
+)
+from ._http import API, REGIONS, Accepted, NotSent, Refused, is_api_host
+from ._limits import Limiter, Slot
+from ._models import GeneratedImage, Outcome, Result, Task, Timings
+from ._polling import Backoff, PollSchedule, watch_task
+from ._requests import build_request
+
+__all__ = ["AsyncBFL", "OnSubmitted"]
+
+logger = logging.getLogger("bfl_async")
+
+OnSubmitted = Callable[[Task], Awaitable[None] | None]
+"""Called with each task handle the moment BFL accepts it (sync or async)."""
+
+Region = Literal["global", "eu", "us"]
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+
+_UNSET = _Unset.UNSET
+_KEEP_FINISHED = 900.0  # seconds a finished watch is kept for late `wait` calls
+_RAW_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+
+
+class _RoutingTransport(httpx.AsyncBaseTransport):
+    """Separate connection pools for API hosts and delivery hosts.
+
+    Many large downloads then never hold the connections that polls and submits need.
+    """
+
+    def __init__(self, base_url: httpx.URL) -> None:
+        self._base_url = base_url
+        self._api = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(
+                max_connections=64, max_keepalive_connections=64, keepalive_expiry=20.0
+            )
+        )
+        self._delivery = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(
+                max_connections=32, max_keepalive_connections=32, keepalive_expiry=20.0
+            )
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        transport = self._api if is_api_host(request.url, self._base_url) else self._delivery
+        return await transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._api.aclose()
+        await self._delivery.aclose()
+
+
+@dataclass(eq=False)
+class _Watch:
+    """The client's ownership of one accepted task, until it is terminal."""
+
+    task: Task
+    slot: Slot
+    accepted_at: float
+    done: anyio.Event
+    result: Result | None = None
+    error: Exception | None = None
+    finished_at: float | None = None
+
+    def outcome(self) -> Result:
+        if self.result is not None:
+            return self.result
+        if self.error is not None:
+            raise self.error
+        raise WaitTimeoutError(
+            f"the client closed before task {self.task.id} finished; it may still finish "
+            "on BFL's side: call wait(e.task) on an open client",
+            task=self.task,
+        )
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pool_of(model: str) -> str:
+    spec = CATALOG.get(model)
+    return spec.pool if spec is not None else "standard"
+
+
+def _check_name(model: str, name: str) -> None:
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ParameterError(
+            model,
+            [Problem("name", f"{name!r} is not a plain file name", "a name without / or \\")],
+        )
+
+
+class AsyncBFL:
+    """Async client for Black Forest Labs' FLUX API.
+
+    Use it as `async with AsyncBFL() as client:`. The client owns every task BFL accepts:
+    a background watcher polls it to the end and holds its in-flight slot until then,
+    whether or not anyone awaits it, so cancelling a caller neither leaks nor frees a slot
+    early. One client serves a whole app; gather hundreds of `generate` calls on it.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        region: Region = "global",
+        base_url: str | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        limits: Mapping[str, int] | None = None,
+        separate_pools: bool = False,
+        poll_schedule: PollSchedule | None = None,
+        wait_timeout: float | None = 600.0,
+        close_grace: float = 30.0,
+        on_submitted: OnSubmitted | None = None,
+        submit_retries: int = 3,
+        rate_limit_retries: int = 20,
+        download_attempts: int = 3,
+        retry_base_delay: float = 0.5,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get("BFL_API_KEY")
+        if not key:
+            raise MissingAPIKeyError(
+                "no API key: set the BFL_API_KEY environment variable or pass "
+                "AsyncBFL(api_key=...). Create a key at https://dashboard.bfl.ai"
+            )
+        if region not in REGIONS:
+            raise ValueError(f"unknown region {region!r}; allowed: {', '.join(REGIONS)}")
+        url = base_url or os.environ.get("BFL_BASE_URL") or REGIONS[region]
+        self.base_url = httpx.URL(url.rstrip("/"))
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(
+            timeout=timeout,
+            transport=_RoutingTransport(self.base_url),
+            headers={"user-agent": "bfl-async"},
+        )
+        self._api = API(self._http, key, str(self.base_url))
+        self._downloader = Downloader(self._http, attempts=download_attempts)
+        self._limiter = Limiter(limits, separate_pools=separate_pools)
+        self._schedule: PollSchedule = poll_schedule or Backoff()
+        self._wait_timeout = wait_timeout
+        self._close_grace = close_grace
+        self._on_submitted = on_submitted
+        self._submit_retries = submit_retries
+        self._rate_limit_retries = rate_limit_retries
+        self._retry_base = retry_base_delay
+        self._watches: dict[str, _Watch] = {}
+        self._finished: deque[_Watch] = deque()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<AsyncBFL base_url={str(self.base_url)!r}>"
+
+    @property
+    def limiter(self) -> Limiter:
+        """The in-flight limiter: `client.limiter.in_use("standard")` and friends."""
+        return self._limiter
+
+    @property
+    def in_flight(self) -> list[Task]:
+        """Handles of the accepted tasks the client is still watching."""
+        return [w.task for w in self._watches.values() if not w.done.is_set()]
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncBFL:
+        if self._tg is not None or self._closed:
+            raise RuntimeError("an AsyncBFL can be entered once; create a new one")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        await self.aclose()
+        assert self._tg is not None
+        return await self._tg.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        """Wait up to `close_grace` seconds for accepted tasks, then stop and close.
+
+        A task still running after that is logged at WARNING with its handle, so it can be
+        picked up again with `wait`: a paid task is never dropped silently.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            pending = [w for w in self._watches.values() if not w.done.is_set()]
+            if pending:
+                with anyio.move_on_after(self._close_grace):
+                    for watch in pending:
+                        await watch.done.wait()
+            for watch in pending:
+                if not watch.done.is_set():
+                    logger.warning(
+                        "closing while task %s is still in flight; it keeps running on "
+                        "BFL's side. Resume it with client.wait(Task.model_validate_json(%r))",
+                        watch.task.id,
+                        watch.task.model_dump_json(),
+                    )
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+            if self._owns_http:
+                await self._http.aclose()
+
+    def _task_group(self) -> anyio.abc.TaskGroup:
+        if self._closed:
+            raise RuntimeError("this AsyncBFL is closed; create a new one")
+        if self._tg is None:
+            raise RuntimeError(
+                "use AsyncBFL inside `async with AsyncBFL() as client:` so it can watch "
+                "the tasks it submits"
+            )
+        return self._tg
+
+    # --- submit ------------------------------------------------------------------------
+
+    async def submit(
+        self, model: str, *, on_submitted: OnSubmitted | None = None, **params: Any
+    ) -> Task:
+        """Validate the parameters locally, wait for a slot, and submit one task.
+
+        Returns the task's handle once BFL has accepted (and charged for) it. Raises
+        `ParameterError` before sending anything when a parameter is invalid.
+        """
+        spec, body = build_request(model, params)
+        watch, _, _ = await self._submit(spec.name, spec.pool, body, params, on_submitted)
+        return watch.task
+
+    async def submit_raw(
+        self,
+        model: str,
+        body: Mapping[str, Any],
+        *,
+        pool: str | None = None,
+        on_submitted: OnSubmitted | None = None,
+    ) -> Task:
+        """Submit `body` as is to `/v1/{model}`, for models newer than the catalog.
+
+        Nothing is validated but the path; `pool` defaults to the catalog's pool or
+        "standard".
+        """
+        if not _RAW_PATH.fullmatch(model) or ".." in model:
+            raise ParameterError(
+                model, [Problem("model", "not a valid API path", "letters, digits, . _ - /")]
+            )
+        watch, _, _ = await self._submit(
+            model, pool or _pool_of(model), dict(body), body, on_submitted
+        )
+        return watch.task
+
+    async def _submit(
+        self,
+        model: str,
+        pool: str,
+        body: Mapping[str, Any],
+        params: Mapping[str, Any],
+        on_submitted: OnSubmitted | None,
+    ) -> tuple[_Watch, float, float]:
+        """Submit with the retry rules of `post_submit`; return the watch and its timings."""
+        tg = self._task_group()
+        not_sent = refused = 0
+        front = False
+        started = anyio.current_time()
+        while True:
+            slot: Slot | None = await self._limiter.acquire(pool, front=front)
+            queued = anyio.current_time() - started
+            failure: Refused | NotSent
+            try:
+                # Once the POST is on its way, a cancelled caller must not lose its answer.
+                with anyio.CancelScope(shield=True):
+                    sent_at = anyio.current_time()
+                    try:
+                        accepted = await self._api.post_submit(model, body, params)
+                    except Refused as exc:
+                        assert slot is not None
+                        slot.refused()
+                        failure = exc
+                    except NotSent as exc:
+                        failure = exc
+                    else:
+                        assert slot is not None
+                        watch = self._adopt(tg, accepted, model, slot)
+                        slot = None
+                        await self._notify(watch.task, on_submitted)
+                        return watch, queued, anyio.current_time() - sent_at
+            finally:
+                if slot is not None:
+                    slot.release()
+            front = True
+            if isinstance(failure, Refused):
+                refused += 1
+                if refused > self._rate_limit_retries:
+                    raise failure.error
+                delay = max(
+                    failure.retry_after or 0.0, self._retry_base * 2.0 ** min(refused - 1, 6)
+                )
+                delay = min(delay, 30.0)
+                logger.info("submit to %r refused (429); retrying in %.1fs", model, delay)
+            else:
+                not_sent += 1
+                if not_sent > self._submit_retries:
+                    raise APIConnectionError(
+                        f"could not reach {self.base_url} to submit to {model!r} "
+                        f"({failure.reason}); nothing was sent, so nothing was paid. "
+                        "Check the network and retry"
+                    )
+                delay = min(8.0, self._retry_base * 2.0 ** (not_sent - 1))
+                logger.info("submit to %r not sent (%s); retrying", model, failure.reason)
+            await anyio.sleep(delay * random.uniform(1.0, 1.25))
+
+    def _adopt(self, tg: anyio.abc.TaskGroup, accepted: Accepted, model: str, slot: Slot) -> _Watch:
+        answer = accepted.body
+        task = Task(
+            id=answer["id"],
+            polling_url=answer["polling_url"],
+            model=model,
+            cost=_float_or_none(answer.get("cost")),
+            input_mp=_float_or_none(answer.get("input_mp")),
+            output_mp=_float_or_none(answer.get("output_mp")),
+            submitted_at=time.time(),
+        )
+        slot.accepted()
+        logger.debug("task %s accepted by %r", task.id, model)
+        return self._start_watch(tg, task, slot, anyio.current_time())
+
+    def _start_watch(
+        self, tg: anyio.abc.TaskGroup, task: Task, slot: Slot, accepted_at: float
+    ) -> _Watch:
+        self._prune()
+        watch = _Watch(task=task, slot=slot, accepted_at=accepted_at, done=anyio.Event())
+        self._watches[task.id] = watch
+        tg.start_soon(self._run_watch, watch, name=f"bfl-watch-{task.id}")
+        return watch
+
+    async def _run_watch(self, watch: _Watch) -> None:
+        try:
+            watch.result = await watch_task(
+                self._api,
+                watch.task,
+                self._schedule,
+                accepted_at=watch.accepted_at,
+                retry_base_delay=self._retry_base,
+            )
+        except Exception as exc:
+            watch.error = exc
+            logger.info("task %s ended: %s", watch.task.id, exc)
+        finally:
+            watch.slot.release()
+            watch.finished_at = anyio.current_time()
+            self._finished.append(watch)
+            watch.done.set()
+
+    def _prune(self) -> None:
+        horizon = anyio.current_time() - _KEEP_FINISHED
+        while self._finished and (self._finished[0].finished_at or 0.0) < horizon:
+            old = self._finished.popleft()
+            if self._watches.get(old.task.id) is old:
+                del self._watches[old.task.id]
+
+    async def _notify(self, task: Task, on_submitted: OnSubmitted | None) -> None:
+        for callback in (self._on_submitted, on_submitted):
+            if callback is None:
+                continue
+            try:
+                returned = callback(task)
+                if inspect.isawaitable(returned):
+                    await returned
+            except Exception:
+                logger.exception(
+                    "on_submitted failed for task %s; the task is still watched. Its handle: %s",
+                    task.id,
+                    task.model_dump_json(),
+                )
+                raise
+
+    # --- wait --------------------------------------------------------------------------
+
+    async def wait(self, task: Task, *, timeout: float | _Unset | None = _UNSET) -> Result:
+        """Wait until `task` is terminal and return its Result.
+
+        Raises the task's `TaskError` (moderated, failed, not found), or `WaitTimeoutError`
+        after `timeout` seconds (default: the client's `wait_timeout`; None waits for ever);
+        the task keeps running, so `wait(e.task)` again later. A handle rebuilt from JSON
+        takes its in-flight slot at once: BFL already counts it.
+        """
+        watch = self._watches.get(task.id)
+        if watch is None:
+            tg = self._task_group()
+            slot = self._limiter.claim(_pool_of(task.model))
+            elapsed = time.time() - task.submitted_at if task.submitted_at else 0.0
+            watch = self._start_watch(tg, task, slot, anyio.current_time() - max(0.0, elapsed))
+        return await self._await(watch, timeout)
+
+    async def _await(self, watch: _Watch, timeout: float | _Unset | None) -> Result:
+        limit = self._wait_timeout if timeout is _UNSET else timeout
+        with anyio.move_on_after(math.inf if limit is None else limit):
+            await watch.done.wait()
+        if not watch.done.is_set():
+            raise WaitTimeoutError(
+                f"task {watch.task.id} was not finished after {limit} s; it is still "
+                "running and watched: call wait(e.task) again to keep waiting",
+                task=watch.task,
+            )
+        return watch.outcome()
+
+    # --- download ----------------------------------------------------------------------
+
+    @overload
+    async def download(
+        self,
+        result: Result,
+        dest: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        overwrite: bool = False,
+    ) -> Path: ...
+
+    @overload
+    async def download(self, result: Result, dest: BinaryIO) -> int: ...
+
+    async def download(
+        self,
+        result: Result,
+        dest: str | os.PathLike[str] | BinaryIO,
+        *,
+        name: str | None = None,
+        overwrite: bool = False,
+    ) -> Path | int:
+        """Stream the image to `dest`, a directory or a binary file object.
+
+        Into a directory it lands as `<name or task id>.<png|jpg|webp>` (suffix from the
+        image's magic bytes), atomically; an existing file raises `OutputExistsError`
+        unless `overwrite`. Into a file object, returns the number of bytes written.
+        """
+        if isinstance(dest, str | os.PathLike):
+            stem = name or result.task.id
+            _check_name(result.task.model, stem)
+            return await self._downloader.to_directory(
+                result, Path(dest), stem, overwrite=overwrite
+            )
+        return await self._downloader.to_file(result, dest)
+
+    async def stream(self, result: Result) -> AsyncGenerator[bytes, None]:
+        """Yield the image's bytes as they arrive, to send them elsewhere (storage, HTTP)."""
+        async with contextlib.aclosing(self._downloader.stream(result)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    # --- all together ------------------------------------------------------------------
+
+    async def generate(
+        self,
+        model: str,
+        *,
+        output_dir: str | os.PathLike[str] = ".",
+        name: str | None = None,
+        overwrite: bool = False,
+        timeout: float | _Unset | None = _UNSET,
+        on_submitted: OnSubmitted | None = None,
+        **params: Any,
+    ) -> GeneratedImage:
+        """Submit, wait and download one image; return where it is and how it was made.
+
+        Everything that can be checked is checked before paying: the parameters, the name,
+        and (with `name`) that the output file does not exist yet.
+        """
+        started = anyio.current_time()
+        spec, body = build_request(model, params)
+        directory = Path(output_dir)
+        if name is not None:
+            _check_name(spec.name, name)
+            if not overwrite:
+                for suffix in IMAGE_SUFFIXES:
+                    if (directory / f"{name}{suffix}").exists():
+                        raise OutputExistsError(str(directory / f"{name}{suffix}"))
+        watch, queued, submit = await self._submit(spec.name, spec.pool, body, params, on_submitted)
+        result = await self._await(watch, timeout)
+        seen = anyio.current_time()
+        path = await self.download(result, directory, name=name, overwrite=overwrite)
+        done = anyio.current_time()
+        return GeneratedImage(
+            path=path,
+            task=result.task,
+            seed=result.seed,
+            result=result,
+            timings=Timings(
+                queued=queued,
+                submit=submit,
+                generation=seen - watch.accepted_at,
+                download=done - seen,
+                total=done - started,
+            ),
+        )
+
+    async def generate_many(
+        self,
+        requests: Iterable[Mapping[str, Any]],
+        *,
+        output_dir: str | os.PathLike[str] = ".",
+        overwrite: bool = False,
+        timeout: float | _Unset | None = _UNSET,
+    ) -> AsyncGenerator[Outcome, None]:
+        """Generate every request (`{"model": ..., "prompt": ..., "name"?: ...}`).
+
+        Yields one `Outcome` per request as it completes: the image, or that job's error.
+        One job's failure never stops the others. Invalid requests and duplicate names are
+        reported before anything is submitted.
+        """
+        tg = self._task_group()
+        jobs = list(requests)
+        send, receive = anyio.create_memory_object_stream[Outcome](max_buffer_size=math.inf)
+        runnable: list[tuple[int, str, str | None, dict[str, Any]]] = []
+        names: set[str] = set()
+        for index, job in enumerate(jobs):
+            params = dict(job)
+            model = params.pop("model", None)
+            name = params.pop("name", None)
+            try:
+                if not isinstance(model, str):
+                    raise ParameterError(str(model), [Problem("model", "missing", "a model name")])
+                build_request(model, params)
+                if name is not None:
+                    _check_name(model, str(name))
+                    if name in names:
+                        raise ParameterError(
+                            model, [Problem("name", f"{name!r} is used twice", "unique names")]
+                        )
+                    names.add(name)
+            except BFLError as exc:
+                send.send_nowait(Outcome(index=index, request=job, error=exc))
+                continue
+            runnable.append((index, model, name, params))
+
+        async def run_one(index: int, model: str, name: str | None, params: dict[str, Any]) -> None:
+            try:
+                image = await self.generate(
+                    model,
+                    output_dir=output_dir,
+                    name=name,
+                    overwrite=overwrite,
+                    timeout=timeout,
+                    **params,
+                )
+                outcome = Outcome(index=index, request=jobs[index], image=image)
+            except Exception as exc:
+                outcome = Outcome(index=index, request=jobs[index], error=exc)
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                send.send_nowait(outcome)
+
+        scope = anyio.CancelScope()
+        finished = anyio.Event()
+
+        async def run_all() -> None:
+            try:
+                with scope:
+                    async with send, anyio.create_task_group() as jobs_tg:
+                        for index, model, name, params in runnable:
+                            jobs_tg.start_soon(run_one, index, model, name, params)
+            finally:
+                finished.set()
+
+        tg.start_soon(run_all)
+        try:
+            async with receive:
+                async for outcome in receive:
+                    yield outcome
+        finally:
+            # Stopped early: drop the queued jobs now (accepted tasks stay watched).
+            scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await finished.wait()
+
+    # --- account -----------------------------------------------------------------------
+
+    async def credits(self) -> float:
+        """The account's remaining credits (1 credit = 1 US cent)."""
+        body = await self._api.call("GET", "/v1/credits", "reading credits")
+        value = _float_or_none(body.get("credits")) if isinstance(body, dict) else None
+        if value is None:
+            raise BFLError(f"unexpected answer to GET /v1/credits: {body!r:.200}")
+        return value

@@ -1,0 +1,210 @@
+"""Streamed, length-checked, atomic downloads of result images.
+
+The image is never held whole in memory: it goes chunk by chunk to `<name>.part`, its length
+is checked against `Content-Length`, and it is renamed into place only when complete. The
+delivery host needs no key, and none is sent there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio
+import httpx
+
+from ._errors import DownloadError, OutputExistsError, ResultExpiredError
+from ._models import Result
+
+__all__ = ["IMAGE_SUFFIXES", "Downloader", "image_suffix"]
+
+logger = logging.getLogger("bfl_async")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
+_PEEK = 12
+
+
+def image_suffix(head: bytes) -> str | None:
+    """The file suffix for an image's first bytes (PNG, JPEG or WebP), or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ".png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return ".jpg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return ".webp"
+    return None
+
+
+def url_expiry(url: str) -> float | None:
+    """The `se=` expiry of a signed URL as a Unix time (epoch seconds or ISO 8601)."""
+    value = httpx.URL(url).params.get("se")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+class _Broken(Exception):
+    """One transfer attempt failed in a way a new attempt may fix."""
+
+
+class Downloader:
+    """Fetches result images from delivery hosts, retrying truncated transfers."""
+
+    def __init__(self, client: httpx.AsyncClient, *, attempts: int = 3) -> None:
+        self._client = client
+        self._attempts = attempts
+
+    def _check_fresh(self, result: Result) -> None:
+        expiry = url_expiry(result.sample)
+        if expiry is not None and expiry <= time.time():
+            raise ResultExpiredError(
+                f"the result URL of task {result.task.id} expired at "
+                f"{dt.datetime.fromtimestamp(expiry, dt.timezone.utc):%H:%M:%S} UTC; "
+                "BFL keeps results about 10 minutes. Generate the image again",
+                task=result.task,
+            )
+
+    async def chunks(self, result: Result) -> AsyncGenerator[bytes, None]:
+        """One streamed GET of the image, checked for length at the end."""
+        self._check_fresh(result)
+        request = self._client.build_request(
+            "GET", result.sample, headers={"accept-encoding": "identity"}
+        )
+        try:
+            response = await self._client.send(request, stream=True, follow_redirects=True)
+        except httpx.TransportError as exc:
+            raise _Broken(type(exc).__name__) from exc
+        try:
+            if response.status_code in (401, 403, 404, 410):
+                self._check_fresh(result)
+                raise ResultExpiredError(
+                    f"the delivery host refused the result URL of task {result.task.id} "
+                    f"({response.status_code}); it has probably expired. Generate the "
+                    "image again",
+                    task=result.task,
+                )
+            if response.status_code != 200:
+                raise _Broken(f"HTTP {response.status_code}")
+            expected = response.headers.get("content-length")
+            try:
+                async for chunk in response.aiter_bytes():
+                    yield chunk
+            except httpx.TransportError as exc:
+                raise _Broken(
+                    f"{type(exc).__name__} after {response.num_bytes_downloaded} bytes"
+                ) from exc
+            # Counted on the raw bytes: httpx decodes compressed bodies.
+            got = response.num_bytes_downloaded
+            if expected is not None and expected.isdigit() and got != int(expected):
+                raise _Broken(f"truncated: got {got} of {expected} bytes")
+        finally:
+            await response.aclose()
+
+    def _failed(self, result: Result, exc: _Broken) -> DownloadError:
+        return DownloadError(
+            f"downloading the image of task {result.task.id} failed after "
+            f"{self._attempts} attempts ({exc}); the result is kept: call "
+            "client.download(result, ...) again while its URL is valid",
+            task=result.task,
+        )
+
+    async def stream(self, result: Result) -> AsyncGenerator[bytes, None]:
+        """Yield the image's bytes; a broken transfer raises (bytes already went out)."""
+        try:
+            async with contextlib.aclosing(self.chunks(result)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except _Broken as exc:
+            raise DownloadError(
+                f"the image of task {result.task.id} arrived incomplete ({exc}); "
+                "stream it again while its URL is valid",
+                task=result.task,
+            ) from None
+
+    async def to_file(self, result: Result, file: BinaryIO) -> int:
+        """Write the image into a binary file object; return the number of bytes."""
+        start = file.tell() if file.seekable() else None
+        for attempt in range(1, self._attempts + 1):
+            written = 0
+            try:
+                async with contextlib.aclosing(self.chunks(result)) as chunks:
+                    async for chunk in chunks:
+                        file.write(chunk)
+                        written += len(chunk)
+                return written
+            except _Broken as exc:
+                if start is None or attempt == self._attempts:
+                    raise self._failed(result, exc) from None
+                file.seek(start)
+                file.truncate()
+                logger.info("download of task %s broke (%s); retrying", result.task.id, exc)
+        raise AssertionError("unreachable")
+
+    async def to_directory(
+        self, result: Result, directory: Path, name: str, *, overwrite: bool
+    ) -> Path:
+        """Save the image as `<directory>/<name><suffix>`, suffix from its magic bytes."""
+        await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
+        part = directory / f"{name}.part"
+        for attempt in range(1, self._attempts + 1):
+            head = b""
+            try:
+                async with (
+                    await anyio.open_file(part, "wb") as out,
+                    contextlib.aclosing(self.chunks(result)) as chunks,
+                ):
+                    async for chunk in chunks:
+                        if len(head) < _PEEK:
+                            head += chunk[: _PEEK - len(head)]
+                        await out.write(chunk)
+                break
+            except _Broken as exc:
+                if attempt == self._attempts:
+                    with contextlib.suppress(OSError):
+                        part.unlink()
+                    raise self._failed(result, exc) from None
+                logger.info("download of task %s broke (%s); retrying", result.task.id, exc)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    part.unlink()
+                raise
+        suffix = image_suffix(head)
+        if suffix is None:
+            part.unlink()
+            raise DownloadError(
+                f"the result of task {result.task.id} is not a PNG, JPEG or WebP image; "
+                "it was not saved",
+                task=result.task,
+            )
+        target = directory / f"{name}{suffix}"
+        if overwrite:
+            os.replace(part, target)
+        else:
+            try:
+                os.link(part, target)
+            except FileExistsError:
+                raise OutputExistsError(str(target), kept=str(part)) from None
+            except OSError:
+                # No hard links on this filesystem: check, then rename.
+                if target.exists():
+                    raise OutputExistsError(str(target), kept=str(part)) from None
+                os.replace(part, target)
+                return target
+            part.unlink()
+        return target

@@ -1,0 +1,247 @@
+"""Talking to the API: key routing, the submit and poll retry rules, errors from answers.
+
+A submit costs money and BFL has no idempotency key, so `post_submit` tells apart the
+failures that certainly created no task (retry them) from those that may have (never retry).
+The API key is attached per request, and only to API hosts.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ._errors import (
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    InsufficientCreditsError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitError,
+    ServerError,
+    SubmissionUncertainError,
+)
+
+logger = logging.getLogger("bfl_async")
+
+REGIONS: Mapping[str, str] = {
+    "global": "https://api.bfl.ai",
+    "eu": "https://api.eu.bfl.ai",
+    "us": "https://api.us.bfl.ai",
+}
+
+_API_HOST = re.compile(r"^api\.(?:[a-z0-9-]+\.)*bfl\.ai$")
+_SECRET_PARAMS = frozenset({"webhook_secret"})
+_LONG_STRING = 256
+
+
+def is_api_host(url: httpx.URL, base_url: httpx.URL) -> bool:
+    """May the key be sent to `url`? Only to the configured host or BFL's `api.` hosts.
+
+    Delivery hosts (`delivery-eu1.bfl.ai`, blob storage) are under `bfl.ai` too, hence the
+    explicit `api.` match.
+    """
+    if url.host == base_url.host:
+        return True
+    return url.scheme == "https" and bool(_API_HOST.match(url.host))
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters fit for errors and logs: secrets masked, inline images shortened."""
+    clean: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in _SECRET_PARAMS and value is not None:
+            clean[key] = "***"
+        elif isinstance(value, str | bytes) and len(value) > _LONG_STRING:
+            clean[key] = (
+                f"<{len(value)} characters>"
+                if isinstance(value, str)
+                else (f"<{len(value)} bytes>")
+            )
+        else:
+            clean[key] = value
+    return clean
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def body_of(response: httpx.Response) -> Any:
+    """The answer's JSON body, or its text when it is not JSON (an HTML error page...)."""
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:2000]
+
+
+def error_from_response(response: httpx.Response, what: str) -> APIError:
+    """The typed error for an HTTP error answer to `what` ("submit to 'flux-2-pro'"...)."""
+    status = response.status_code
+    body = body_of(response)
+    detail = body.get("detail") if isinstance(body, dict) else None
+    said = f": {detail}" if detail else ""
+    if status in (401, 403):
+        return AuthenticationError(
+            f"{what} was refused ({status}){said}. Check BFL_API_KEY or the api_key "
+            "you passed; the key was not retried",
+            status_code=status,
+            body=body,
+        )
+    if status == 402:
+        return InsufficientCreditsError(
+            f"{what} was refused: insufficient credits. Add credits at "
+            "https://dashboard.bfl.ai, then retry",
+            status_code=status,
+            body=body,
+        )
+    if status == 404:
+        return NotFoundError(
+            f"{what}: not found (404){said}. For a submit, check the model name",
+            status_code=status,
+            body=body,
+        )
+    if status in (400, 422):
+        return InvalidRequestError(
+            f"{what} was refused as invalid ({status}){said}. Fix the request; "
+            "retrying it unchanged will fail again",
+            status_code=status,
+            body=body,
+        )
+    if status == 429:
+        return RateLimitError(
+            f"{what}: too many requests or tasks in flight (429){said}. Lower the "
+            "concurrency or wait for tasks sharing this key to finish",
+            body=body,
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+        )
+    if status >= 500:
+        return ServerError(
+            f"{what}: server error {status} on BFL's side; try again later",
+            status_code=status,
+            body=body,
+        )
+    return APIError(f"{what}: unexpected answer {status}{said}", status_code=status, body=body)
+
+
+class NotSent(Exception):
+    """The submit certainly did not reach the server: retrying it is free."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class Refused(Exception):
+    """The server refused the submit without creating a task (429, or 503 with no task id)."""
+
+    def __init__(self, error: APIError, retry_after: float | None) -> None:
+        self.error = error
+        self.retry_after = retry_after
+        super().__init__(str(error))
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The submit's answer: BFL created (and charged for) a task."""
+
+    body: dict[str, Any]
+
+
+class API:
+    """Sends requests to the API with the key attached only where it belongs."""
+
+    def __init__(self, client: httpx.AsyncClient, api_key: str, base_url: str) -> None:
+        self._client = client
+        self._key = api_key
+        self.base_url = httpx.URL(base_url.rstrip("/"))
+
+    def __repr__(self) -> str:
+        return f"API(base_url={str(self.base_url)!r})"
+
+    async def request(
+        self, method: str, url: str | httpx.URL, *, json: Any = None
+    ) -> httpx.Response:
+        """One API request; redirects are not followed so the key cannot be forwarded."""
+        target = httpx.URL(url) if isinstance(url, str) else url
+        if not target.is_absolute_url:
+            target = self.base_url.join(target)
+        if not is_api_host(target, self.base_url):
+            raise APIConnectionError(
+                f"refusing to send the API key to {target.host!r}: it is not an API host. "
+                "Pass base_url= if you use a proxy in front of the API"
+            )
+        return await self._client.request(
+            method, target, json=json, headers={"x-key": self._key}, follow_redirects=False
+        )
+
+    async def call(self, method: str, path: str, what: str) -> Any:
+        """A plain API call (credits...): transient failures raise, errors are typed."""
+        try:
+            response = await self.request(method, path)
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"{what}: {type(exc).__name__}; try again") from None
+        if response.status_code != 200:
+            raise error_from_response(response, what)
+        return body_of(response)
+
+    async def post_submit(
+        self, model: str, body: Mapping[str, Any], params: Mapping[str, Any]
+    ) -> Accepted:
+        """POST a submit once and classify the outcome by what it may have cost.
+
+        Raises `NotSent` or `Refused` when no task was created (the caller may retry), a
+        typed `APIError` for a final refusal, and `SubmissionUncertainError` whenever a
+        task may exist: never retry those.
+        """
+        what = f"submit to {model!r}"
+
+        def uncertain(reason: str) -> SubmissionUncertainError:
+            return SubmissionUncertainError(reason, model=model, params=redact(params))
+
+        try:
+            response = await self.request("POST", f"/v1/{model}", json=dict(body))
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise NotSent(type(exc).__name__) from None
+        except httpx.TransportError as exc:
+            # Written (or partly written) and then lost: the server may have acted on it.
+            raise uncertain(f"{type(exc).__name__} after the request was sent") from None
+        status = response.status_code
+        if status == 200:
+            answer = body_of(response)
+            if (
+                isinstance(answer, dict)
+                and isinstance(answer.get("id"), str)
+                and isinstance(answer.get("polling_url"), str)
+            ):
+                return Accepted(answer)
+            raise uncertain("the API accepted it but its answer had no task id or polling_url")
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if status == 429:
+            raise Refused(error_from_response(response, what), retry_after)
+        if status == 503:
+            answer = body_of(response)
+            if not (isinstance(answer, dict) and answer.get("id")):
+                raise Refused(error_from_response(response, what), retry_after)
+        if status >= 500 or 200 <= status < 300:
+            raise uncertain(f"HTTP {status}")
+        raise error_from_response(response, what)

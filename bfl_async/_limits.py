@@ -1,0 +1,203 @@
+"""In-flight slots: one per task, per pool, held from before the submit until the task ends.
+
+BFL counts a task in flight from its accepted submit until it is terminal (24 per account on
+standard models, 6 on `flux-kontext-max`). A pool hands out slots in FIFO order, and adapts
+when the server says 429 (someone else uses the same key): it drops to what the server
+accepted, and grows back once the 429s have stopped for a while.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import anyio
+
+__all__ = ["DEFAULT_LIMITS", "Limiter", "Slot"]
+
+DEFAULT_LIMITS: Mapping[str, int] = {"standard": 24, "kontext-max": 6}
+
+
+@dataclass(eq=False)
+class _Waiter:
+    event: anyio.Event = field(default_factory=anyio.Event)
+    granted: bool = False
+
+
+class _Pool:
+    """One pool's counters and its FIFO queue."""
+
+    def __init__(self, name: str, limit: int, probe_after: float) -> None:
+        if limit < 1:
+            raise ValueError(f"the limit of pool {name!r} must be at least 1, not {limit}")
+        self.name = name
+        self.limit = limit
+        self.effective = float(limit)
+        self.in_use = 0
+        self.accepted = 0
+        self.probe_after = probe_after
+        self.last_refusal = -math.inf
+        self.waiters: deque[_Waiter] = deque()
+
+    @property
+    def capacity(self) -> int:
+        return max(1, int(self.effective))
+
+    def try_take(self, front: bool) -> bool:
+        if self.in_use < self.capacity and (front or not self.waiters):
+            self.in_use += 1
+            return True
+        return False
+
+    def grant(self) -> None:
+        while self.waiters and self.in_use < self.capacity:
+            waiter = self.waiters.popleft()
+            waiter.granted = True
+            self.in_use += 1
+            waiter.event.set()
+
+    def give_back(self, accepted: bool) -> None:
+        self.in_use -= 1
+        if accepted:
+            self.accepted -= 1
+        self.grant()
+
+    async def take(self, front: bool) -> None:
+        if self.try_take(front):
+            return
+        waiter = _Waiter()
+        if front:
+            self.waiters.appendleft(waiter)
+        else:
+            self.waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.granted:
+                self.give_back(accepted=False)
+            else:
+                self.waiters.remove(waiter)
+            raise
+
+    def on_accepted(self) -> None:
+        self.accepted += 1
+        # The server took it, so it has room for at least this many of ours.
+        self.effective = max(self.effective, float(self.accepted))
+        if anyio.current_time() - self.last_refusal >= self.probe_after:
+            self.effective = min(float(self.limit), self.effective + 1.0)
+        self.grant()
+
+    def on_refused(self) -> None:
+        self.effective = float(max(1, min(self.capacity, self.accepted)))
+        self.last_refusal = anyio.current_time()
+
+
+class Slot:
+    """One task's claim on its pool(s); `release()` gives it back exactly once."""
+
+    def __init__(self, pools: tuple[_Pool, ...]) -> None:
+        self._pools = pools
+        self._accepted = False
+        self._released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "accepted" if self._accepted else "held"
+        return f"<Slot {'+'.join(p.name for p in self._pools)} {state}>"
+
+    @property
+    def released(self) -> bool:
+        """True once the slot has been given back."""
+        return self._released
+
+    def accepted(self) -> None:
+        """BFL accepted the task: it is in flight on the server until it is terminal."""
+        if not self._accepted and not self._released:
+            self._accepted = True
+            for pool in self._pools:
+                pool.on_accepted()
+
+    def refused(self) -> None:
+        """BFL answered 429: it is at its limit for this key, so lower ours."""
+        for pool in self._pools:
+            pool.on_refused()
+
+    def release(self) -> None:
+        """Give the slot back, to the first task waiting in the queue."""
+        if self._released:
+            return
+        self._released = True
+        for pool in self._pools:
+            pool.give_back(self._accepted)
+
+
+class Limiter:
+    """Per-pool FIFO in-flight limiter, sized to the account's limits.
+
+    A `flux-kontext-max` task holds a slot in its own pool and, unless `separate_pools`,
+    one in the standard pool too: BFL does not document whether it counts against the 24,
+    and assuming it does is the reading that never earns a 429.
+    """
+
+    def __init__(
+        self,
+        limits: Mapping[str, int] | None = None,
+        *,
+        separate_pools: bool = False,
+        probe_after: float = 30.0,
+    ) -> None:
+        merged = {**DEFAULT_LIMITS, **(limits or {})}
+        self._pools = {name: _Pool(name, n, probe_after) for name, n in merged.items()}
+        self._separate = separate_pools
+
+    def __repr__(self) -> str:
+        pools = ", ".join(f"{p.name}={p.in_use}/{p.capacity}" for p in self._pools.values())
+        return f"<Limiter {pools}>"
+
+    def _pools_for(self, pool: str) -> tuple[_Pool, ...]:
+        if pool not in self._pools:
+            raise ValueError(f"unknown pool {pool!r}; known: {', '.join(self._pools)}")
+        if pool == "standard" or self._separate:
+            return (self._pools[pool],)
+        # Always in this order, so two tasks never wait on each other's pools.
+        return (self._pools[pool], self._pools["standard"])
+
+    async def acquire(self, pool: str, *, front: bool = False) -> Slot:
+        """Wait for a slot in `pool` (FIFO; `front` jumps the queue, for a retried submit)."""
+        pools = self._pools_for(pool)
+        taken: list[_Pool] = []
+        try:
+            for p in pools:
+                await p.take(front)
+                taken.append(p)
+        except BaseException:
+            for p in taken:
+                p.give_back(accepted=False)
+            raise
+        return Slot(pools)
+
+    def claim(self, pool: str) -> Slot:
+        """Take a slot at once for a task already in flight on BFL's side (a resumed handle).
+
+        It may put the pool over its limit for a while: BFL counts the task anyway, so new
+        submits must wait for it.
+        """
+        pools = self._pools_for(pool)
+        for p in pools:
+            p.in_use += 1
+        slot = Slot(pools)
+        slot.accepted()
+        return slot
+
+    def in_use(self, pool: str = "standard") -> int:
+        """Slots held in `pool` right now (queued submits not counted)."""
+        return self._pools[pool].in_use
+
+    def limit(self, pool: str = "standard") -> int:
+        """The pool's effective limit: the configured one, lowered after 429s."""
+        return self._pools[pool].capacity
+
+    def waiting(self, pool: str = "standard") -> int:
+        """Submits queued for a slot in `pool`."""
+        return len(self._pools[pool].waiters)

@@ -1,0 +1,217 @@
+"""Polling a task until it is terminal, on a configurable schedule.
+
+Polls are idempotent, so every transient failure (connection trouble, timeouts, 429, 5xx,
+a garbled answer) is retried; what ends a watch is a terminal status or an error that
+polling again cannot fix (a revoked key, an unknown task).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import anyio
+import httpx
+
+from ._errors import (
+    GenerationError,
+    ModerationError,
+    TaskNotFoundError,
+)
+from ._http import API, body_of, error_from_response, parse_retry_after
+from ._models import Result, Task
+
+__all__ = ["Backoff", "PollSchedule", "watch_task"]
+
+logger = logging.getLogger("bfl_async")
+
+TERMINAL = frozenset({"Ready", "Request Moderated", "Content Moderated", "Error", "Task not found"})
+_MAX_RETRY_DELAY = 30.0
+
+
+class PollSchedule(Protocol):
+    """Decides when to poll a pending task next."""
+
+    def next_delay(self, model: str, attempt: int, elapsed: float, progress: float | None) -> float:
+        """Seconds to wait before poll number `attempt` (0 is the first poll).
+
+        `elapsed` is the time since the task was accepted; `progress` the last fraction
+        the API reported (FLUX.1 models), or None.
+        """
+        ...
+
+    def observe(self, model: str, seconds: float) -> None:
+        """Learn that a task of `model` was seen terminal `seconds` after acceptance."""
+        ...
+
+
+class Backoff:
+    """Exponential backoff with jitter: `initial`, times `factor` each poll, at most `maximum`.
+
+    The plain schedule; `jitter` spreads polls of tasks submitted together by ±that fraction.
+    """
+
+    def __init__(
+        self,
+        initial: float = 1.0,
+        factor: float = 1.5,
+        maximum: float = 5.0,
+        jitter: float = 0.1,
+    ) -> None:
+        if initial <= 0 or factor < 1 or maximum < initial or not 0 <= jitter < 1:
+            raise ValueError(
+                "Backoff needs initial > 0, factor >= 1, maximum >= initial, 0 <= jitter < 1"
+            )
+        self.initial = initial
+        self.factor = factor
+        self.maximum = maximum
+        self.jitter = jitter
+
+    def __repr__(self) -> str:
+        return (
+            f"Backoff(initial={self.initial}, factor={self.factor}, "
+            f"maximum={self.maximum}, jitter={self.jitter})"
+        )
+
+    def next_delay(self, model: str, attempt: int, elapsed: float, progress: float | None) -> float:
+        base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def observe(self, model: str, seconds: float) -> None:
+        """Plain backoff learns nothing."""
+
+
+def _retry_delay(base: float, failures: int, retry_after: float | None = None) -> float:
+    delay = min(_MAX_RETRY_DELAY, base * 2.0 ** min(failures - 1, 16))
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, _MAX_RETRY_DELAY))
+    return delay * random.uniform(1.0, 1.25)
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _terminal(task: Task, body: Mapping[str, Any], polls: int) -> Result:
+    """The Result of a terminal poll answer, or the TaskError it stands for."""
+    status = body["status"]
+    details = body.get("details")
+    if status == "Ready":
+        result = body.get("result")
+        sample = result.get("sample") if isinstance(result, dict) else None
+        if not isinstance(result, dict) or not isinstance(sample, str):
+            raise GenerationError(
+                f"task {task.id} is Ready but its answer has no result URL; "
+                "BFL sent a malformed answer. Poll again later with client.wait(task)",
+                task=task,
+            )
+        return Result(
+            task=task,
+            sample=sample,
+            seed=_int_or_none(result.get("seed")),
+            prompt=result.get("prompt") if isinstance(result.get("prompt"), str) else None,
+            start_time=_float_or_none(result.get("start_time")),
+            end_time=_float_or_none(result.get("end_time")),
+            duration=_float_or_none(result.get("duration")),
+            ready_at=time.time(),
+            polls=polls,
+            raw=result,
+        )
+    if status in ("Request Moderated", "Content Moderated"):
+        reasons: list[str] = []
+        if isinstance(details, dict):
+            found = details.get("Moderation Reasons", [])
+            reasons = [str(r) for r in found] if isinstance(found, list) else [str(found)]
+        kind = "request" if status == "Request Moderated" else "content"
+        raise ModerationError(task=task, kind=kind, reasons=reasons)
+    if status == "Error":
+        why = f": {details}" if details else ""
+        raise GenerationError(
+            f"task {task.id} failed on BFL's side{why}; submitting again may work", task=task
+        )
+    raise TaskNotFoundError(
+        f"BFL does not know task {task.id} (wrong or expired id); its result is gone",
+        task=task,
+    )
+
+
+async def watch_task(
+    api: API,
+    task: Task,
+    schedule: PollSchedule,
+    *,
+    accepted_at: float,
+    retry_base_delay: float = 0.5,
+) -> Result:
+    """Poll `task` until it is terminal; return its Result or raise its TaskError.
+
+    `accepted_at` is the `anyio.current_time()` at which BFL accepted the task; failed
+    polls are retried after `retry_base_delay`, doubling, at most 30 s.
+    """
+    attempt = 0
+    polls = 0
+    failures = 0
+    progress: float | None = None
+    warned: set[str] = set()
+    delay = schedule.next_delay(task.model, 0, anyio.current_time() - accepted_at, None)
+    while True:
+        await anyio.sleep(delay)
+        polls += 1
+        try:
+            response = await api.request("GET", task.polling_url)
+        except httpx.TransportError as exc:
+            failures += 1
+            logger.debug("poll of task %s failed (%s); retrying", task.id, type(exc).__name__)
+            delay = _retry_delay(retry_base_delay, failures)
+            continue
+        code = response.status_code
+        if code in (429, 503) or code >= 500:
+            failures += 1
+            logger.debug("poll of task %s answered %d; retrying", task.id, code)
+            delay = _retry_delay(
+                retry_base_delay, failures, parse_retry_after(response.headers.get("retry-after"))
+            )
+            continue
+        if code == 404:
+            raise TaskNotFoundError(
+                f"the polling URL of task {task.id} answered 404; the task is unknown there",
+                task=task,
+            )
+        if code != 200:
+            raise error_from_response(response, f"polling task {task.id}")
+        body = body_of(response)
+        status = body.get("status") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not isinstance(status, str):
+            failures += 1
+            logger.warning("poll of task %s: malformed answer; retrying", task.id)
+            delay = _retry_delay(retry_base_delay, failures)
+            continue
+        failures = 0
+        elapsed = anyio.current_time() - accepted_at
+        if status in TERMINAL:
+            schedule.observe(task.model, elapsed)
+            return _terminal(task, body, polls)
+        if status != "Pending" and status not in warned:
+            warned.add(status)
+            logger.warning(
+                "task %s has unknown status %r; still polling until it is terminal",
+                task.id,
+                status,
+            )
+        raw_progress = body.get("progress")
+        progress = _float_or_none(raw_progress) if raw_progress is not None else progress
+        attempt += 1
+        delay = schedule.next_delay(task.model, attempt, elapsed, progress)

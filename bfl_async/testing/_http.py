@@ -1,0 +1,248 @@
+"""A small HTTP/1.1 server on anyio and h11, just enough for the fake BFL hosts.
+
+It keeps connections alive across requests, streams large bodies in chunks, and can misbehave
+on purpose (answer late, close without answering, cut a body short) so that tests can exercise a
+client's handling of broken connections over real sockets. Running on anyio, it serves from the
+event loop of the test that starts it, under asyncio and trio alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import anyio
+import h11
+from anyio.abc import SocketAttribute, SocketStream, TaskGroup
+from anyio.streams.stapled import MultiListener
+
+__all__ = ["HTTPServer", "Request", "Response"]
+
+_CHUNK = 1 << 16
+_MAX_BODY = 64 << 20
+
+
+@dataclass(frozen=True)
+class Request:
+    """One parsed request, body included."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    """Header names lower-cased; a repeated header keeps its last value."""
+    body: bytes
+
+
+@dataclass
+class Response:
+    """An answer, and how to (mis)deliver it."""
+
+    status: int
+    body: bytes | Sequence[bytes] = b""
+    content_type: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    delay: float = 0.0
+    """Seconds to wait before answering."""
+    drop: bool = False
+    """Close the connection without answering."""
+    truncate: bool = False
+    """Announce the full Content-Length, send half the body, then close the connection."""
+
+    @classmethod
+    def json(cls, status: int, data: Any, headers: Sequence[tuple[str, str]] = ()) -> Response:
+        """A JSON answer."""
+        body = json.dumps(data).encode()
+        return cls(status, body, "application/json", list(headers))
+
+    @classmethod
+    def hang_up(cls) -> Response:
+        """Close the connection without answering."""
+        return cls(0, drop=True)
+
+    @property
+    def parts(self) -> Sequence[bytes]:
+        """The body as a sequence of byte strings."""
+        return [self.body] if isinstance(self.body, bytes) else self.body
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class HTTPServer:
+    """Serves `handler` on `host:port` (port 0: an ephemeral one) inside a task group.
+
+    An exception escaping `handler` is answered with a 500 and passed to `on_error`, so that one
+    broken request does not take the whole server down.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        host: str,
+        port: int = 0,
+        on_error: Callable[[BaseException], None] | None = None,
+        idle_timeout: float = 75.0,
+        server_name: str = "fake-bfl",
+    ) -> None:
+        self._handler = handler
+        self._host = host
+        self._port = port
+        self._on_error = on_error
+        self._idle_timeout = idle_timeout
+        self._server_name = server_name
+        self._listener: MultiListener[SocketStream] | None = None
+        self.connections = 0
+        """Connections accepted so far."""
+
+    @property
+    def base_url(self) -> str:
+        """`http://host:port`, once started."""
+        if self._listener is None:
+            raise RuntimeError("the server is not started")
+        port = self._listener.extra(SocketAttribute.local_port)
+        return f"http://{self._host}:{port}"
+
+    async def start(self, task_group: TaskGroup) -> None:
+        """Bind the socket, then accept connections in `task_group` until it is cancelled."""
+        self._listener = await anyio.create_tcp_listener(
+            local_host=self._host, local_port=self._port
+        )
+        task_group.start_soon(self._listener.serve, self._serve_connection, task_group)
+
+    async def aclose(self) -> None:
+        """Stop accepting connections."""
+        if self._listener is not None:
+            await self._listener.aclose()
+
+    async def _serve_connection(self, stream: SocketStream) -> None:
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        try:
+            async with stream:
+                while True:
+                    request = await self._read_request(conn, stream)
+                    if request is None:
+                        return
+                    response = await self._respond(request)
+                    head_only = request.method == "HEAD"
+                    if not await self._send(conn, stream, response, head_only=head_only):
+                        return
+                    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                        return
+                    conn.start_next_cycle()
+        except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # the client went away; nothing to answer
+        except Exception as exc:  # a bug here must not stop the other connections
+            if self._on_error is not None:
+                self._on_error(exc)
+
+    async def _read_request(self, conn: h11.Connection, stream: SocketStream) -> Request | None:
+        """Read one whole request; None when the connection is over or unusable."""
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._send_error(conn, stream, exc.error_status_hint)
+                return None
+            if event is h11.NEED_DATA:
+                with anyio.move_on_after(self._idle_timeout):
+                    try:
+                        data = await stream.receive(_CHUNK)
+                    except anyio.EndOfStream:
+                        data = b""
+                    conn.receive_data(data)
+                    continue
+                return None  # idle too long
+            if isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > _MAX_BODY:
+                    await self._send_error(conn, stream, 413)
+                    return None
+            elif isinstance(event, h11.EndOfMessage) and head is not None:
+                target = urlsplit(head.target.decode("ascii", "replace"))
+                return Request(
+                    method=head.method.decode("ascii"),
+                    path=target.path,
+                    query=dict(parse_qsl(target.query, keep_blank_values=True)),
+                    headers={k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers},
+                    body=bytes(body),
+                )
+            else:
+                return None  # ConnectionClosed, or PAUSED after a protocol switch
+
+    async def _respond(self, request: Request) -> Response:
+        try:
+            return await self._handler(request)
+        except Exception as exc:
+            if self._on_error is not None:
+                self._on_error(exc)
+            return Response(500, f"fake server error: {exc!r}".encode(), "text/plain")
+
+    async def _send(
+        self, conn: h11.Connection, stream: SocketStream, response: Response, *, head_only: bool
+    ) -> bool:
+        """Send `response` (only its head for a HEAD request); False when the connection
+        must now be closed."""
+        if response.delay > 0:
+            await anyio.sleep(response.delay)
+        if response.drop:
+            return False
+        parts = response.parts
+        length = sum(len(part) for part in parts)
+        headers = [("server", self._server_name), ("content-length", str(length))]
+        if response.content_type is not None:
+            headers.append(("content-type", response.content_type))
+        headers += response.headers
+        head = h11.Response(
+            status_code=response.status, headers=headers, reason=_reason(response.status)
+        )
+        await _send_bytes(stream, conn.send(head))
+        budget = 0 if head_only else length // 2 if response.truncate else length
+        for part in parts:
+            for start in range(0, len(part), _CHUNK):
+                if budget <= 0:
+                    break
+                piece = part[start : start + min(_CHUNK, budget)]
+                budget -= len(piece)
+                for data in conn.send_with_data_passthrough(h11.Data(data=piece)) or ():
+                    await _send_bytes(stream, data)
+        if response.truncate:
+            return False
+        await _send_bytes(stream, conn.send(h11.EndOfMessage()))
+        return True
+
+    async def _send_error(self, conn: h11.Connection, stream: SocketStream, status: int) -> None:
+        """Answer a request that could not be read, if the protocol state still allows it."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = _reason(status)
+        headers = [("content-length", str(len(body))), ("connection", "close")]
+        head = h11.Response(status_code=status, headers=headers, reason=body)
+        try:
+            await _send_bytes(stream, conn.send(head))
+            await _send_bytes(stream, conn.send(h11.Data(data=body)))
+            await _send_bytes(stream, conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:
+            return
+
+
+async def _send_bytes(stream: SocketStream, data: bytes | None) -> None:
+    if data:
+        await stream.send(data)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
