@@ -4,6 +4,8 @@ async with AsyncBFL() as client:
     image = await client.generate("flux-2-pro", prompt="a red fox", output_dir="out/")
 """
 
+from ._catalog import CATALOG as MODELS
+from ._catalog import ModelSpec
 from ._client import AsyncBFL, OnSubmitted
 from ._errors import (
     APIConnectionError,
@@ -32,10 +34,12 @@ from ._errors import (
 from ._limits import Limiter
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
 from ._polling import Backoff, PollSchedule
+from ._requests import estimate_cost
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MODELS",
     "APIConnectionError",
     "APIError",
     "AsyncBFL",
@@ -49,6 +53,7 @@ __all__ = [
     "InvalidRequestError",
     "Limiter",
     "MissingAPIKeyError",
+    "ModelSpec",
     "ModerationError",
     "NotFoundError",
     "OnSubmitted",
@@ -69,4 +74,5 @@ __all__ = [
     "UnknownModelError",
     "WaitTimeoutError",
     "__version__",
+    "estimate_cost",
 ]

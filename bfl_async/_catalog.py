@@ -27,8 +27,8 @@ __all__ = [
     "ParamSpec",
     "Pool",
     "Pricing",
-    "estimate_cost",
     "get_model",
+    "price",
     "reference_index",
     "reference_name",
 ]
@@ -211,7 +211,11 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def estimate_cost(spec: ModelSpec, body: Mapping[str, Any]) -> float:
+MEGAPIXEL = 1024 * 1024
+"""Pixels in BFL's megapixel: a 1024x1024 image costs exactly the first-MP price."""
+
+
+def price(spec: ModelSpec, body: Mapping[str, Any]) -> float:
     """The expected price of one submit in credits (1 credit = 1 US cent), to 4 decimals.
 
     FLUX.2 counts every reference image as 1 MP of input: only the server knows the real
@@ -224,7 +228,7 @@ def estimate_cost(spec: ModelSpec, body: Mapping[str, Any]) -> float:
     given_width, given_height = body.get("width"), body.get("height")
     width: int = given_width if _is_int(given_width) else dims.default_width
     height: int = given_height if _is_int(given_height) else dims.default_height
-    output_mp = width * height / 1e6
+    output_mp = width * height / MEGAPIXEL
     input_mp = sum(
         1
         for key, value in body.items()

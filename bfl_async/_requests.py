@@ -34,12 +34,13 @@ from ._catalog import (
     ModelSpec,
     ParamSpec,
     get_model,
+    price,
     reference_index,
     reference_name,
 )
 from ._errors import ParameterError, Problem
 
-__all__ = ["build_request", "encode_image", "request_model"]
+__all__ = ["build_request", "encode_image", "estimate_cost", "request_model"]
 
 _RATIO = re.compile(r"([0-9]{1,5}):([0-9]{1,5})")
 _NOUNS = {
@@ -78,6 +79,17 @@ def build_request(model: str, params: Mapping[str, Any]) -> tuple[ModelSpec, dic
     if problems:
         raise ParameterError(spec.name, problems)
     return spec, validated.model_dump(exclude_unset=True)
+
+
+def estimate_cost(model: str, **params: Any) -> float:
+    """The expected price in credits (1 credit = 1 US cent) of `submit(model, **params)`.
+
+    The parameters are validated exactly as a submit would validate them. FLUX.2 prices
+    count each reference image as 1 MP of input, so they are estimates; the submit's answer
+    (`Task.cost`) is what BFL charged.
+    """
+    spec, body = build_request(model, params)
+    return price(spec, body)
 
 
 @functools.cache

@@ -517,3 +517,13 @@ def test_a_new_catalog_entry_gets_validation() -> None:
     assert model.model_validate({"prompt": "x", "mode": "a", "input_image": PNG}).model_dump(
         exclude_unset=True
     ) == {"prompt": "x", "mode": "a", "input_image": PNG_B64}
+
+
+def test_public_estimate_cost_validates_like_a_submit() -> None:
+    from bfl_async import MODELS, estimate_cost
+
+    assert estimate_cost("flux-2-pro", prompt="x", width=2048, height=1024) == 4.5
+    assert estimate_cost("flux-kontext-max", prompt="x") == 8.0
+    assert MODELS["flux-kontext-max"].pool == "kontext-max"
+    with pytest.raises(ParameterError, match="width"):
+        estimate_cost("flux-2-pro", prompt="x", width=1000)

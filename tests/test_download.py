@@ -1,0 +1,137 @@
+"""Downloads: expiry parsing, retries, broken streams, file objects, atomic placement."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import respx
+
+from bfl_async import DownloadError, OutputExistsError, Result, Task
+from bfl_async._download import Downloader, image_suffix, url_expiry
+
+from .helpers import DELIVERY, PNG, image, signed_url
+
+pytestmark = pytest.mark.anyio
+
+
+def result_for(url: str) -> Result:
+    task = Task(id="t1", polling_url="https://api.eu2.bfl.ai/v1/get_result?id=t1", model="m")
+    return Result(task=task, sample=url, ready_at=time.time())
+
+
+@pytest.fixture
+def mock() -> AsyncIterator[respx.MockRouter]:
+    with respx.mock(assert_all_mocked=True) as router:
+        yield router
+
+
+@pytest.fixture
+async def downloader() -> AsyncIterator[Downloader]:
+    async with httpx.AsyncClient() as client:
+        yield Downloader(client, attempts=3)
+
+
+class _BreaksAfterFirstChunk(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield PNG[:50]
+        raise httpx.ReadError("connection reset")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://d.example/x?se=1700000000&sig=1", 1700000000.0),
+        ("https://d.example/x?se=2024-01-01T00:00:00Z&sp=r", 1704067200.0),
+        ("https://d.example/x?se=2024-01-01T00:00:00&sp=r", 1704067200.0),
+        ("https://d.example/x?sig=1", None),
+        ("https://d.example/x?se=soon", None),
+    ],
+)
+def test_url_expiry(url: str, expected: float | None) -> None:
+    assert url_expiry(url) == expected
+
+
+def test_image_suffix_needs_known_magic() -> None:
+    assert image_suffix(b"GIF89a") is None
+    assert image_suffix(b"RIFF\0\0\0\0WAVE") is None
+
+
+async def test_server_errors_on_delivery_are_retried(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    route = mock.get(DELIVERY).mock(
+        side_effect=[httpx.Response(500), httpx.ConnectError("x"), image()]
+    )
+    path = await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+    assert path.read_bytes() == PNG and route.call_count == 3
+
+
+async def test_a_stream_broken_midway_is_retried(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    broken = httpx.Response(200, stream=_BreaksAfterFirstChunk())
+    mock.get(DELIVERY).mock(side_effect=[broken, image()])
+    path = await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+    assert path.read_bytes() == PNG
+
+
+async def test_an_unseekable_file_object_cannot_be_retried(
+    mock: respx.MockRouter, downloader: Downloader
+) -> None:
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: bytes) -> int:  # type: ignore[override]
+            self.data += b
+            return len(b)
+
+    short = httpx.Response(200, content=PNG[:10], headers={"content-length": str(len(PNG))})
+    route = mock.get(DELIVERY).mock(side_effect=[short, image()])
+    with pytest.raises(DownloadError, match="truncated"):
+        await downloader.to_file(result_for(signed_url()), Pipe())  # type: ignore[arg-type]
+    assert route.call_count == 1
+
+
+async def test_without_hard_links_the_file_is_still_placed_atomically(
+    mock: respx.MockRouter,
+    downloader: Downloader,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_links(src: str, dst: str) -> None:
+        raise PermissionError("this filesystem has no hard links")
+
+    monkeypatch.setattr(os, "link", no_links)
+    mock.get(DELIVERY).mock(return_value=image())
+    result = result_for(signed_url())
+    path = await downloader.to_directory(result, tmp_path, "a", overwrite=False)
+    assert path.read_bytes() == PNG
+    with pytest.raises(OutputExistsError) as caught:
+        await downloader.to_directory(result, tmp_path, "a", overwrite=False)
+    assert Path(caught.value.kept or "").read_bytes() == PNG
+
+
+async def test_a_cancelled_download_leaves_no_part_file(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    class Slow(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield PNG[:50]
+            await anyio.sleep(10)
+            yield PNG[50:]
+
+    mock.get(DELIVERY).mock(return_value=httpx.Response(200, stream=Slow()))
+    with anyio.move_on_after(0.1):
+        await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+    assert list(tmp_path.iterdir()) == []
