@@ -1,0 +1,78 @@
+"""The request layer: Retry-After, redaction, a caller's own httpx client, poll schedules."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+
+from bfl_async import AsyncBFL, Backoff
+from bfl_async._http import parse_retry_after, redact
+
+from .helpers import API, FAST, KEY, accepted, image, polling_url, ready
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def mock() -> AsyncIterator[respx.MockRouter]:
+    with respx.mock(assert_all_mocked=True) as router:
+        yield router
+
+
+def test_retry_after_in_seconds_or_as_an_http_date() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(" 0.5 ") == 0.5
+    assert parse_retry_after("-4") == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    in_ten = email.utils.formatdate(time.time() + 10, usegmt=True)
+    assert 8 <= (parse_retry_after(in_ten) or 0) <= 10
+    long_ago = email.utils.formatdate(time.time() - 100, usegmt=True)
+    assert parse_retry_after(long_ago) == 0.0
+
+
+def test_redaction_masks_secrets_and_shortens_inline_images() -> None:
+    clean = redact(
+        {"prompt": "fox", "webhook_secret": "hush", "input_image": "A" * 5000, "raw": b"x" * 300}
+    )
+    assert clean == {
+        "prompt": "fox",
+        "webhook_secret": "***",
+        "input_image": "<5000 characters>",
+        "raw": "<300 bytes>",
+    }
+
+
+def test_backoff_grows_to_its_cap_with_bounded_jitter() -> None:
+    schedule = Backoff(initial=1.0, factor=2.0, maximum=5.0, jitter=0.1)
+    delays = [schedule.next_delay("m", n, 0.0, None) for n in range(6)]
+    for got, base in zip(delays, [1, 2, 4, 5, 5, 5], strict=True):
+        assert base * 0.9 <= got <= base * 1.1
+    assert "maximum=5.0" in repr(schedule)
+    with pytest.raises(ValueError, match="initial > 0"):
+        Backoff(initial=0)
+    with pytest.raises(ValueError):
+        Backoff(jitter=1.5)
+
+
+async def test_a_callers_own_http_client_is_used_and_left_open(
+    mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    submit = mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=ready())
+    mock.get(url__startswith="https://delivery-eu1.bfl.ai/").mock(return_value=image())
+    async with httpx.AsyncClient(headers={"x-trace": "mine"}, follow_redirects=True) as own:
+        async with AsyncBFL(**{**FAST, "http_client": own}) as client:
+            await client.generate("flux-2-pro", prompt="x", output_dir=tmp_path)
+        assert not own.is_closed
+        request = submit.calls.last.request
+        assert request.headers["x-trace"] == "mine" and request.headers["x-key"] == KEY
+        assert "x-key" not in own.headers
+        assert json.loads(request.content) == {"prompt": "x"}
