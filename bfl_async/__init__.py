@@ -35,6 +35,7 @@ from ._limits import Limiter
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
 from ._polling import Backoff, PollSchedule
 from ._requests import estimate_cost
+from ._schedule import LearnedSchedule
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "GenerationError",
     "InsufficientCreditsError",
     "InvalidRequestError",
+    "LearnedSchedule",
     "Limiter",
     "MissingAPIKeyError",
     "ModelSpec",

@@ -173,6 +173,8 @@ class ModelSpec:
     pricing: Pricing
     dimensions: DimensionRule | None = None
     aspect_ratio: AspectRatioRule | None = None
+    typical_seconds: float = 6.0
+    """A prior for polling before anything is learned: usual seconds from submit to Ready."""
     _all: Mapping[str, ParamSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -278,6 +280,7 @@ _SIDE = ParamSpec("int", ge=0, le=2048)
 _MODELS = (
     ModelSpec(
         name="flux-2-klein-4b",
+        typical_seconds=1.5,
         family="flux2",
         pool="standard",
         max_references=4,
@@ -287,6 +290,7 @@ _MODELS = (
     ),
     ModelSpec(
         name="flux-2-klein-9b",
+        typical_seconds=2.0,
         family="flux2",
         pool="standard",
         max_references=4,
@@ -296,6 +300,7 @@ _MODELS = (
     ),
     ModelSpec(
         name="flux-2-pro",
+        typical_seconds=5.0,
         family="flux2",
         pool="standard",
         max_references=8,
@@ -305,6 +310,7 @@ _MODELS = (
     ),
     ModelSpec(
         name="flux-2-max",
+        typical_seconds=10.0,
         family="flux2",
         pool="standard",
         max_references=8,
@@ -314,6 +320,7 @@ _MODELS = (
     ),
     ModelSpec(
         name="flux-2-flex",
+        typical_seconds=12.0,
         family="flux2",
         pool="standard",
         max_references=8,
@@ -327,6 +334,7 @@ _MODELS = (
     ),
     ModelSpec(
         name="flux-kontext-pro",
+        typical_seconds=6.0,
         family="flux1",
         pool="standard",
         max_references=4,
@@ -336,6 +344,7 @@ _MODELS = (
     ),
     ModelSpec(
         name="flux-kontext-max",
+        typical_seconds=8.0,
         family="flux1",
         pool="kontext-max",
         max_references=4,
@@ -345,6 +354,7 @@ _MODELS = (
     ),
     ModelSpec(
         name="flux-pro-1.1",
+        typical_seconds=5.0,
         family="flux1",
         pool="standard",
         max_references=0,
@@ -354,6 +364,7 @@ _MODELS = (
     ),
     ModelSpec(
         name="flux-pro-1.1-ultra",
+        typical_seconds=10.0,
         family="flux1",
         pool="standard",
         max_references=0,
@@ -368,6 +379,7 @@ _MODELS = (
     ),
     ModelSpec(
         name="flux-pro-1.0-fill",
+        typical_seconds=8.0,
         family="flux1",
         pool="standard",
         max_references=0,
@@ -376,6 +388,7 @@ _MODELS = (
     ),
     ModelSpec(
         name="flux-pro-1.0-expand",
+        typical_seconds=8.0,
         family="flux1",
         pool="standard",
         max_references=0,

@@ -34,10 +34,11 @@ from ._errors import (
     WaitTimeoutError,
 )
 from ._http import API, REGIONS, Accepted, NotSent, Refused, is_api_host
-from ._limits import Limiter, Slot
+from ._limits import Limiter, PollBudget, Slot
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
-from ._polling import Backoff, PollSchedule, watch_task
+from ._polling import PollSchedule, watch_task
 from ._requests import build_request
+from ._schedule import LearnedSchedule
 
 __all__ = ["AsyncBFL", "OnSubmitted"]
 
@@ -151,6 +152,7 @@ class AsyncBFL:
         limits: Mapping[str, int] | None = None,
         separate_pools: bool = False,
         poll_schedule: PollSchedule | None = None,
+        poll_rate: float | None = 20.0,
         wait_timeout: float | None = 600.0,
         close_grace: float = 30.0,
         on_submitted: OnSubmitted | None = None,
@@ -178,7 +180,8 @@ class AsyncBFL:
         self._api = API(self._http, key, str(self.base_url))
         self._downloader = Downloader(self._http, attempts=download_attempts)
         self._limiter = Limiter(limits, separate_pools=separate_pools)
-        self._schedule: PollSchedule = poll_schedule or Backoff()
+        self._schedule: PollSchedule = poll_schedule or LearnedSchedule()
+        self._poll_budget = PollBudget(poll_rate) if poll_rate is not None else None
         self._wait_timeout = wait_timeout
         self._close_grace = close_grace
         self._on_submitted = on_submitted
@@ -388,6 +391,7 @@ class AsyncBFL:
                 watch.task,
                 self._schedule,
                 accepted_at=watch.accepted_at,
+                budget=self._poll_budget,
                 retry_base_delay=self._retry_base,
             )
         except Exception as exc:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-__all__ = ["DEFAULT_LIMITS", "Limiter", "Slot"]
+__all__ = ["DEFAULT_LIMITS", "Limiter", "PollBudget", "Slot"]
 
 DEFAULT_LIMITS: Mapping[str, int] = {"standard": 24, "kontext-max": 6}
 
@@ -201,3 +201,35 @@ class Limiter:
     def waiting(self, pool: str = "standard") -> int:
         """Submits queued for a slot in `pool`."""
         return len(self._pools[pool].waiters)
+
+
+class PollBudget:
+    """At most `per_second` polls in any sliding one-second window, shared by all tasks.
+
+    BFL answers polls with `X-Ratelimit-Limit: 1200` (per minute): however many tasks are in
+    flight, the client's polls together stay under that. Waiters are served in FIFO order.
+    """
+
+    def __init__(self, per_second: float = 20.0) -> None:
+        if per_second < 1:
+            raise ValueError("per_second must be at least 1")
+        self.per_second = per_second
+        self._capacity = int(per_second)
+        self._window = self._capacity / per_second
+        self._sent: deque[float] = deque()
+        self._lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"PollBudget(per_second={self.per_second})"
+
+    async def acquire(self) -> None:
+        """Wait until one more poll fits in the window, and count it."""
+        async with self._lock:
+            while True:
+                now = anyio.current_time()
+                while self._sent and now - self._sent[0] >= self._window:
+                    self._sent.popleft()
+                if len(self._sent) < self._capacity:
+                    self._sent.append(now)
+                    return
+                await anyio.sleep(self._sent[0] + self._window - now)

@@ -22,6 +22,7 @@ from ._errors import (
     TaskNotFoundError,
 )
 from ._http import API, body_of, error_from_response, parse_retry_after
+from ._limits import PollBudget
 from ._models import Result, Task
 
 __all__ = ["Backoff", "PollSchedule", "watch_task"]
@@ -35,16 +36,21 @@ _MAX_RETRY_DELAY = 30.0
 class PollSchedule(Protocol):
     """Decides when to poll a pending task next."""
 
-    def next_delay(self, model: str, attempt: int, elapsed: float, progress: float | None) -> float:
-        """Seconds to wait before poll number `attempt` (0 is the first poll).
+    def next_delay(
+        self, task: Task, attempt: int, elapsed: float, progress: float | None
+    ) -> float:
+        """Seconds to wait before poll number `attempt` of `task` (0 is the first poll).
 
-        `elapsed` is the time since the task was accepted; `progress` the last fraction
-        the API reported (FLUX.1 models), or None.
+        `elapsed` is the time since the task was accepted (for attempt >= 1, when the last
+        poll found it pending); `progress` the last fraction the API reported (FLUX.1
+        models), or None.
         """
         ...
 
-    def observe(self, model: str, seconds: float) -> None:
-        """Learn that a task of `model` was seen terminal `seconds` after acceptance."""
+    def done(self, task: Task, lower: float, upper: float | None) -> None:
+        """The watch of `task` ended. If it was found ready, that happened between `lower`
+        seconds after acceptance (the last poll that found it pending, or 0) and `upper`
+        (the poll that found it ready); `upper` is None when it ended any other way."""
         ...
 
 
@@ -76,11 +82,14 @@ class Backoff:
             f"maximum={self.maximum}, jitter={self.jitter})"
         )
 
-    def next_delay(self, model: str, attempt: int, elapsed: float, progress: float | None) -> float:
+    def next_delay(
+        self, task: Task, attempt: int, elapsed: float, progress: float | None
+    ) -> float:
+        """Seconds before the next poll: `initial * factor**attempt`, capped, jittered."""
         base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
         return base * random.uniform(1 - self.jitter, 1 + self.jitter)
 
-    def observe(self, model: str, seconds: float) -> None:
+    def done(self, task: Task, lower: float, upper: float | None) -> None:
         """Plain backoff learns nothing."""
 
 
@@ -154,64 +163,74 @@ async def watch_task(
     schedule: PollSchedule,
     *,
     accepted_at: float,
+    budget: PollBudget | None = None,
     retry_base_delay: float = 0.5,
 ) -> Result:
     """Poll `task` until it is terminal; return its Result or raise its TaskError.
 
-    `accepted_at` is the `anyio.current_time()` at which BFL accepted the task; failed
-    polls are retried after `retry_base_delay`, doubling, at most 30 s.
+    `accepted_at` is the `anyio.current_time()` at which BFL accepted the task; every poll
+    first takes its place in the shared `budget`; failed polls are retried after
+    `retry_base_delay`, doubling, at most 30 s. The schedule hears how the watch ended.
     """
     attempt = 0
     polls = 0
     failures = 0
+    pending_at = 0.0  # seconds after acceptance of the last poll that found it pending
+    ready_by: float | None = None
     progress: float | None = None
     warned: set[str] = set()
-    delay = schedule.next_delay(task.model, 0, anyio.current_time() - accepted_at, None)
-    while True:
-        await anyio.sleep(delay)
-        polls += 1
-        try:
-            response = await api.request("GET", task.polling_url)
-        except httpx.TransportError as exc:
-            failures += 1
-            logger.debug("poll of task %s failed (%s); retrying", task.id, type(exc).__name__)
-            delay = _retry_delay(retry_base_delay, failures)
-            continue
-        code = response.status_code
-        if code in (429, 503) or code >= 500:
-            failures += 1
-            logger.debug("poll of task %s answered %d; retrying", task.id, code)
-            delay = _retry_delay(
-                retry_base_delay, failures, parse_retry_after(response.headers.get("retry-after"))
-            )
-            continue
-        if code == 404:
-            raise TaskNotFoundError(
-                f"the polling URL of task {task.id} answered 404; the task is unknown there",
-                task=task,
-            )
-        if code != 200:
-            raise error_from_response(response, f"polling task {task.id}")
-        body = body_of(response)
-        status = body.get("status") if isinstance(body, dict) else None
-        if not isinstance(body, dict) or not isinstance(status, str):
-            failures += 1
-            logger.warning("poll of task %s: malformed answer; retrying", task.id)
-            delay = _retry_delay(retry_base_delay, failures)
-            continue
-        failures = 0
-        elapsed = anyio.current_time() - accepted_at
-        if status in TERMINAL:
-            schedule.observe(task.model, elapsed)
-            return _terminal(task, body, polls)
-        if status != "Pending" and status not in warned:
-            warned.add(status)
-            logger.warning(
-                "task %s has unknown status %r; still polling until it is terminal",
-                task.id,
-                status,
-            )
-        raw_progress = body.get("progress")
-        progress = _float_or_none(raw_progress) if raw_progress is not None else progress
-        attempt += 1
-        delay = schedule.next_delay(task.model, attempt, elapsed, progress)
+    delay = schedule.next_delay(task, 0, anyio.current_time() - accepted_at, None)
+    try:
+        while True:
+            await anyio.sleep(delay)
+            if budget is not None:
+                await budget.acquire()
+            polls += 1
+            sent_at = anyio.current_time() - accepted_at
+            try:
+                response = await api.request("GET", task.polling_url)
+            except httpx.TransportError as exc:
+                failures += 1
+                logger.debug("poll of task %s failed (%s); retrying", task.id, type(exc).__name__)
+                delay = _retry_delay(retry_base_delay, failures)
+                continue
+            code = response.status_code
+            if code in (429, 503) or code >= 500:
+                failures += 1
+                logger.debug("poll of task %s answered %d; retrying", task.id, code)
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+                delay = _retry_delay(retry_base_delay, failures, retry_after)
+                continue
+            if code == 404:
+                raise TaskNotFoundError(
+                    f"the polling URL of task {task.id} answered 404; the task is unknown there",
+                    task=task,
+                )
+            if code != 200:
+                raise error_from_response(response, f"polling task {task.id}")
+            body = body_of(response)
+            status = body.get("status") if isinstance(body, dict) else None
+            if not isinstance(body, dict) or not isinstance(status, str):
+                failures += 1
+                logger.warning("poll of task %s: malformed answer; retrying", task.id)
+                delay = _retry_delay(retry_base_delay, failures)
+                continue
+            failures = 0
+            if status in TERMINAL:
+                result = _terminal(task, body, polls)
+                ready_by = sent_at
+                return result
+            pending_at = sent_at
+            if status != "Pending" and status not in warned:
+                warned.add(status)
+                logger.warning(
+                    "task %s has unknown status %r; still polling until it is terminal",
+                    task.id,
+                    status,
+                )
+            raw_progress = body.get("progress")
+            progress = _float_or_none(raw_progress) if raw_progress is not None else progress
+            attempt += 1
+            delay = schedule.next_delay(task, attempt, pending_at, progress)
+    finally:
+        schedule.done(task, pending_at, ready_by)

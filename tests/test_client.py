@@ -46,6 +46,7 @@ from .helpers import (
     PNG,
     WEBP,
     accepted,
+    error_answer,
     image,
     poll_answer,
     polling_url,
@@ -222,10 +223,10 @@ async def test_transient_poll_failures_are_retried(
 @pytest.mark.parametrize(
     ("answer", "error"),
     [
-        (httpx.Response(403, json={"detail": "Not authenticated - Invalid"}), AuthenticationError),
-        (httpx.Response(401, json={"detail": "Not authenticated"}), AuthenticationError),
-        (httpx.Response(404, json={"detail": "Not Found"}), TaskNotFoundError),
-        (httpx.Response(400, json={"detail": "bad id"}), InvalidRequestError),
+        (error_answer(403), AuthenticationError),
+        (error_answer(401), AuthenticationError),
+        (error_answer(404), TaskNotFoundError),
+        (error_answer(400, "bad id"), InvalidRequestError),
     ],
 )
 async def test_poll_errors_that_polling_cannot_fix_end_the_watch(
@@ -312,16 +313,13 @@ async def test_default_wait_timeout_comes_from_the_client(mock: respx.MockRouter
 @pytest.mark.parametrize(
     ("answer", "error"),
     [
-        (httpx.Response(400, json={"detail": "bad prompt"}), InvalidRequestError),
-        (httpx.Response(402, json={"detail": "Insufficient credits"}), InsufficientCreditsError),
-        (httpx.Response(403, json={"detail": "Not authenticated - Invalid"}), AuthenticationError),
-        (httpx.Response(401, json={"detail": "Not authenticated"}), AuthenticationError),
-        (httpx.Response(404, json={"detail": "Not Found"}), NotFoundError),
+        (error_answer(400, "bad prompt"), InvalidRequestError),
+        (error_answer(402), InsufficientCreditsError),
+        (error_answer(403), AuthenticationError),
+        (error_answer(401), AuthenticationError),
+        (error_answer(404), NotFoundError),
         (
-            httpx.Response(
-                422,
-                json={"detail": [{"loc": ["body", "width"], "msg": "too big", "type": "value"}]},
-            ),
+            error_answer(422, [{"loc": ["body", "width"], "msg": "too big", "type": "value"}]),
             InvalidRequestError,
         ),
     ],
@@ -340,9 +338,7 @@ async def test_submit_refusals_are_typed_and_never_retried(
 
 async def test_422_carries_the_server_detail_list(client: AsyncBFL, mock: respx.MockRouter) -> None:
     detail = [{"loc": ["body", "width"], "msg": "too big", "type": "value"}]
-    mock.post(f"{API}/v1/flux-2-pro").mock(
-        return_value=httpx.Response(422, json={"detail": detail})
-    )
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=error_answer(422, detail))
     with pytest.raises(InvalidRequestError) as caught:
         await client.submit("flux-2-pro", prompt="x")
     assert caught.value.errors == detail

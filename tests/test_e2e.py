@@ -27,6 +27,7 @@ def fast_client(fake: FakeBFL, **kwargs: Any) -> AsyncBFL:
         "base_url": fake.base_url,
         "poll_schedule": Backoff(initial=0.01, factor=1.5, maximum=0.02, jitter=0.1),
         "retry_base_delay": 0.01,
+        "poll_rate": 5000.0,
         "close_grace": 5.0,
     }
     return AsyncBFL(**{**options, **kwargs})

@@ -1,4 +1,4 @@
-"""FakeBFL, driven over real HTTP with plain httpx, under asyncio and trio."""
+"""FakeBFL, driven with plain httpx over real HTTP and in memory, under asyncio and trio."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,7 +19,8 @@ import anyio
 import httpx
 import pytest
 
-from bfl_async.testing import FakeBFL, FakeTask, Fault
+from bfl_async import AsyncBFL, Backoff
+from bfl_async.testing import MEMORY_URLS, FakeBFL, FakeTask, Fault, FaultKind, HostURLs
 
 pytestmark = pytest.mark.anyio
 
@@ -39,11 +41,31 @@ async def running(**kwargs: Any) -> AsyncIterator[tuple[FakeBFL, httpx.AsyncClie
         yield fake, client
 
 
+@asynccontextmanager
+async def fronted(
+    front: str, **kwargs: Any
+) -> AsyncIterator[tuple[FakeBFL, httpx.AsyncClient, HostURLs]]:
+    """A fake reached through `front` ("loopback" or "memory"), a client, and its URLs."""
+    fake = FakeBFL(**kwargs)
+    if front == "memory":
+        async with fake.client(timeout=10) as client:
+            yield fake, client, fake.memory_urls
+    else:
+        async with fake, httpx.AsyncClient(timeout=10) as client:
+            yield fake, client, fake.loopback_urls
+
+
 async def submit(
     client: httpx.AsyncClient, fake: FakeBFL, model: str = "flux-2-pro", **body: Any
 ) -> httpx.Response:
+    return await submit_to(client, fake.base_url, model, **body)
+
+
+async def submit_to(
+    client: httpx.AsyncClient, api_url: str, model: str = "flux-2-pro", **body: Any
+) -> httpx.Response:
     body.setdefault("prompt", "a red fox")
-    return await client.post(f"{fake.base_url}/v1/{model}", json=body, headers=KEY)
+    return await client.post(f"{api_url}/v1/{model}", json=body, headers=KEY)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -65,9 +87,12 @@ async def poll_until_done(client: httpx.AsyncClient, polling_url: str) -> httpx.
             await anyio.sleep(0.005)
 
 
-async def ready_sample(client: httpx.AsyncClient, fake: FakeBFL, **body: Any) -> str:
-    """Submit, finish the task and return its signed URL."""
-    accepted = await submit(client, fake, **body)
+async def ready_sample(
+    client: httpx.AsyncClient, fake: FakeBFL, api_url: str | None = None, **body: Any
+) -> str:
+    """Submit (to `api_url`, by default the loopback API host), finish the task and return
+    its signed URL."""
+    accepted = await submit_to(client, api_url or fake.base_url, **body)
     fake.finish_now(accepted.json()["id"])
     answer = await poll_until_done(client, accepted.json()["polling_url"])
     return str(answer.json()["result"]["sample"])
@@ -347,6 +372,22 @@ async def test_validation_unknown_model_and_credits(anyio_backend: str) -> None:
         assert fake.submits == 1
 
 
+async def test_flux2_output_over_4_mp_is_a_400_and_credits_stay_floats(
+    anyio_backend: str,
+) -> None:
+    async with running(credits=10) as (fake, client):
+        too_big = await submit(client, fake, width=4096, height=2048)
+        assert too_big.status_code == 400 and "at most 4 MP" in too_big.json()["detail"]
+        assert fake.submits == 0 and fake.credits == 10
+        assert (await submit(client, fake, width=2048, height=2048)).status_code == 200
+        credits = (await client.get(f"{fake.base_url}/v1/credits", headers=KEY)).json()
+        assert credits == {"credits": 2.5} and isinstance(credits["credits"], float)
+        fake.credits = 2  # an int from a test still answers as a float
+        assert (await client.get(f"{fake.base_url}/v1/credits", headers=KEY)).text == (
+            '{"credits": 2.0}'
+        )
+
+
 async def test_unknown_task_is_task_not_found(anyio_backend: str) -> None:
     async with running() as (fake, client):
         answer = await client.get(
@@ -616,3 +657,198 @@ def test_command_line_server() -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# -- in memory ---------------------------------------------------------------------------
+
+
+def fast_bfl(fake: FakeBFL, **kwargs: Any) -> AsyncBFL:
+    """An AsyncBFL on the fake's in-memory transport, polling every 10 ms."""
+    options: dict[str, Any] = {
+        "api_key": fake.api_key,
+        "http_client": fake.client(),
+        "poll_schedule": Backoff(initial=0.01, factor=1.0, maximum=0.01, jitter=0.0),
+        "retry_base_delay": 0.01,
+        "close_grace": 5.0,
+    }
+    return AsyncBFL(**{**options, **kwargs})
+
+
+async def test_async_bfl_round_trip_in_memory(anyio_backend: str, tmp_path: Path) -> None:
+    fake = FakeBFL(time_scale=0.01, image_bytes=300_000)  # never entered: no sockets
+    async with fast_bfl(fake) as client:
+        image = await client.generate("flux-2-pro", prompt="x", output_dir=tmp_path)
+        credits = await client.credits()
+    task = fake.tasks[image.task_id]
+    assert image.cost == 3.0 and image.seed == task.seed
+    assert image.task.polling_url == f"{MEMORY_URLS.polling}/v1/get_result?id={task.id}"
+    assert credits == 997.0 and fake.submits == 1 and fake.downloads == 1
+    assert fake.keys_seen["api"] == ["fake-key", "fake-key"]
+    assert fake.keys_seen["polling"] and set(fake.keys_seen["polling"]) == {"fake-key"}
+    assert fake.keys_seen["delivery"] == [None]
+    assert fake.connections == {"api": 0, "polling": 0, "delivery": 0}
+    async with fake.client() as http:
+        served = (await http.get(fake.sign_url(task.id))).content
+    assert image.path.read_bytes() == served and len(served) == 300_000
+    assert fake.server_errors == []
+
+
+@pytest.mark.parametrize("region", ["eu", "us"])
+async def test_regional_api_hosts_in_memory(anyio_backend: str, region: str) -> None:
+    fake = FakeBFL()
+    async with fast_bfl(fake, region=region) as client:
+        assert await client.credits() == 1000.0
+    assert fake.keys_seen["api"] == ["fake-key"]
+
+
+async def test_in_memory_answers_name_production_hosts(anyio_backend: str) -> None:
+    fake = FakeBFL()
+    async with fake.client() as client:
+        task = (await submit_to(client, "https://api.bfl.ai")).json()
+        assert task["polling_url"] == f"https://api.eu2.bfl.ai/v1/get_result?id={task['id']}"
+        fake.finish_now()
+        answer = await client.get(task["polling_url"], headers=KEY)
+        assert answer.headers["retry-after"] == "1"
+        sample = answer.json()["result"]["sample"]
+        assert sample.startswith(
+            f"https://delivery-eu1.bfl.ai/results/{task['id']}/sample.jpeg?se="
+        )
+        assert fake.sign_url(task["id"]).startswith("https://delivery-eu1.bfl.ai/")
+        image = await client.get(sample)
+        assert (image.status_code, image.headers["content-type"]) == (200, "image/jpeg")
+        assert image.headers["server"].startswith("Windows-Azure-Blob")
+        assert image.content[:3] == b"\xff\xd8\xff"
+        assert (await client.head(sample)).content == b""
+        global_poll = await client.get(f"https://api.bfl.ai/v1/get_result?id={task['id']}")
+        assert global_poll.status_code == 404  # the API host does not know regional tasks
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/v1/credits",
+        "http://api.bfl.ai/v1/credits",  # BFL is https only
+        "https://api.bfl.ai:8443/v1/credits",
+        "https://api.eu1.bfl.ai/v1/get_result?id=x",  # a cluster host the fake does not play
+        "http://127.0.0.1:9/v1/credits",
+    ],
+)
+async def test_other_hosts_are_unreachable_in_memory(anyio_backend: str, url: str) -> None:
+    fake = FakeBFL()
+    async with fake.client() as client:
+        with pytest.raises(httpx.ConnectError, match="serves no"):
+            await client.get(url, headers=KEY)
+    assert fake.keys_seen == {"api": [], "polling": [], "delivery": []}
+
+
+async def test_both_fronts_share_one_state_and_name_their_own_hosts(anyio_backend: str) -> None:
+    async with running() as (fake, plain), fake.client() as memory:
+        over_http = (await submit(plain, fake)).json()
+        in_memory = (await submit_to(memory, MEMORY_URLS.api)).json()
+        assert over_http["polling_url"].startswith(f"{fake.polling_base_url}/v1/get_result?id=")
+        assert in_memory["polling_url"].startswith(f"{MEMORY_URLS.polling}/v1/get_result?id=")
+        assert fake.submits == 2 and fake.in_flight() == 2
+        fake.finish_now()
+        # A task submitted in memory is polled over loopback, and named there in loopback URLs.
+        polled = await plain.get(
+            f"{fake.polling_base_url}/v1/get_result?id={in_memory['id']}", headers=KEY
+        )
+        assert polled.json()["result"]["sample"].startswith(fake.delivery_base_url)
+        assert fake.sign_url(in_memory["id"]).startswith(fake.delivery_base_url)
+        memory_url = fake.sign_url(in_memory["id"], urls=MEMORY_URLS)
+        assert (await memory.get(memory_url)).status_code == 200
+        assert fake.keys_seen["api"] == ["fake-key", "fake-key"]
+
+
+async def test_429_at_the_limit_in_memory(anyio_backend: str) -> None:
+    fake = FakeBFL(limits={"standard": 2}, generation_time=60)
+    async with fake.client() as client:
+        for _ in range(2):
+            assert (await submit_to(client, MEMORY_URLS.api)).status_code == 200
+        refused = await submit_to(client, MEMORY_URLS.api)
+        assert (refused.status_code, refused.headers["retry-after"]) == (429, "1")
+        assert (fake.submits, fake.submit_attempts, fake.rate_limited) == (2, 3, 1)
+        fake.finish_now()
+        assert (await submit_to(client, MEMORY_URLS.api)).status_code == 200
+
+
+async def test_in_memory_bodies_stream_in_chunks(anyio_backend: str) -> None:
+    fake = FakeBFL(image_bytes=300_000)
+    async with fake.client() as client:
+        sample = await ready_sample(client, fake, MEMORY_URLS.api, output_format="png")
+        async with client.stream("GET", sample) as streamed:
+            chunks = [chunk async for chunk in streamed.aiter_raw()]
+    assert len(chunks) >= 5 and max(len(chunk) for chunk in chunks) <= 1 << 16
+    assert int(streamed.headers["content-length"]) == sum(len(chunk) for chunk in chunks)
+    assert decode_png(b"".join(chunks))[:2] == (64, 64)
+
+
+async def test_a_bug_in_outcome_answers_500_in_memory(anyio_backend: str) -> None:
+    fake = FakeBFL(outcome=lambda model, body: "Finished")
+    async with fake.client() as client:
+        answer = await submit_to(client, MEMORY_URLS.api)
+    assert answer.status_code == 500 and "fake server error" in answer.text
+    assert isinstance(fake.server_errors[0], ValueError)
+
+
+FAULTS: list[tuple[FaultKind, Fault]] = [
+    (kind, fault)
+    for kind in ("submit", "poll", "download")
+    for fault in ("500", "502", "503", "drop_before", "drop_after", "truncate", "malformed")
+] + [("download", "expired")]
+
+
+@pytest.mark.parametrize("front", ["loopback", "memory"])
+@pytest.mark.parametrize(("kind", "fault"), FAULTS)
+async def test_each_fault_on_each_front(
+    anyio_backend: str, front: str, kind: FaultKind, fault: Fault
+) -> None:
+    """Every fault meets a client the same way in memory as over loopback HTTP."""
+    async with fronted(front, image_bytes=200_000) as (fake, client, urls):
+        sample = await ready_sample(client, fake, urls.api, output_format="png")
+        polling_url = f"{urls.polling}/v1/get_result?id={next(iter(fake.tasks))}"
+
+        async def attempt() -> httpx.Response:
+            if kind == "submit":
+                return await submit_to(client, urls.api)
+            return await client.get(polling_url if kind == "poll" else sample, headers=KEY)
+
+        counted = {"submit": fake.submit_attempts, "poll": fake.polls, "download": fake.downloads}
+        fake.fail_next(kind, fault)
+        if fault in ("drop_before", "drop_after", "truncate"):
+            with pytest.raises(httpx.RemoteProtocolError):
+                await attempt()
+        else:
+            answer = await attempt()
+            if fault == "malformed":
+                assert answer.status_code == 200
+                if kind == "download":
+                    assert not answer.content.startswith(b"\x89PNG")
+                else:
+                    with pytest.raises(json.JSONDecodeError):
+                        json.loads(answer.content)
+            else:
+                assert answer.status_code == (403 if fault == "expired" else int(fault))
+        after = {"submit": fake.submit_attempts, "poll": fake.polls, "download": fake.downloads}
+        assert after[kind] == counted[kind] + 1
+        if kind == "submit":
+            created = fault in ("drop_after", "truncate", "malformed")
+            assert fake.submits == 1 + created
+        fine = await attempt()  # the fault was spent on one request
+        assert fine.status_code == 200
+        if kind == "download":
+            assert decode_png(fine.content)[:2] == (64, 64) and len(fine.content) == 200_000
+
+
+@pytest.mark.parametrize("front", ["loopback", "memory"])
+async def test_slow_answers_on_each_front(anyio_backend: str, front: str) -> None:
+    async with fronted(front, slow_seconds=0.2) as (fake, client, urls):
+        fake.fail_next("submit", "slow", count=2)
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(
+                f"{urls.api}/v1/flux-2-pro", json={"prompt": "x"}, headers=KEY, timeout=0.05
+            )
+        assert fake.submits == 1  # the late answer still created its task
+        started = time.monotonic()
+        assert (await submit_to(client, urls.api)).status_code == 200
+        assert time.monotonic() - started >= 0.2

@@ -1,9 +1,12 @@
-"""FakeBFL: Black Forest Labs' FLUX API, faked over real HTTP on loopback.
+"""FakeBFL: Black Forest Labs' FLUX API, faked over real HTTP on loopback or in memory.
 
-Three listeners play the three kinds of host a client meets: the API host (submit, credits),
-a regional polling host (the `polling_url` of each task) and a delivery host that serves the
-images from signed, expiring URLs. The fake keeps BFL's per-account in-flight limits on a
-server-side clock, answers with BFL's wire shapes, and can inject faults on request.
+The fake plays the three kinds of host a client meets: the API host (submit, credits), a
+regional polling host (the `polling_url` of each task) and a delivery host that serves the
+images from signed, expiring URLs. It serves them on three loopback listeners (`async with
+fake`) and through an httpx transport under their production names (`fake.transport()`),
+both at once if asked; each answer names the hosts of the front it was asked through. The
+fake keeps BFL's per-account in-flight limits on a server-side clock, answers with BFL's wire
+shapes, and can inject faults on request.
 """
 
 from __future__ import annotations
@@ -20,15 +23,28 @@ from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from email.utils import formatdate
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal, get_args
 
 import anyio
+import httpx
 
 from ._http import HTTPServer, Request, Response
 from ._images import CONTENT_TYPES, render
+from ._memory import MemoryHost, MemoryTransport
 
-__all__ = ["MODELS", "FakeBFL", "FakeTask", "Fault", "FaultKind", "ModelSpec", "run_fake_server"]
+__all__ = [
+    "MEMORY_URLS",
+    "MODELS",
+    "FakeBFL",
+    "FakeTask",
+    "Fault",
+    "FaultKind",
+    "HostURLs",
+    "ModelSpec",
+    "run_fake_server",
+]
 
 FaultKind = Literal["submit", "poll", "download"]
 Fault = Literal[
@@ -40,6 +56,40 @@ STATUSES = ("Ready", "Request Moderated", "Content Moderated", "Error", "Task no
 DEFAULT_LIMITS: Mapping[str, int] = {"standard": 24, "kontext-max": 6}
 _POLL_HEADERS = (("retry-after", "1"), ("x-ratelimit-limit", "1200"))
 _MEGAPIXEL = 1 << 20
+_FLUX2_MAX_MP = 4.0
+_SERVER_NAMES: Mapping[HostKind, str] = {
+    "api": "fake-bfl",
+    "polling": "fake-bfl",
+    "delivery": "Windows-Azure-Blob/1.0 Microsoft-HTTPAPI/2.0",
+}
+
+
+@dataclass(frozen=True)
+class HostURLs:
+    """The base URL of each kind of host, as one front of the fake names them in answers."""
+
+    api: str
+    polling: str
+    """Where `polling_url`s point: a regional cluster host."""
+    delivery: str
+    """Where signed result URLs point."""
+
+
+MEMORY_URLS = HostURLs(
+    api="https://api.bfl.ai",
+    polling="https://api.eu2.bfl.ai",
+    delivery="https://delivery-eu1.bfl.ai",
+)
+"""The production base URLs the in-memory transport names in its answers."""
+_MEMORY_HOSTS: Mapping[str, HostKind] = {
+    "api.bfl.ai": "api",
+    "api.eu.bfl.ai": "api",
+    "api.us.bfl.ai": "api",
+    "api.eu2.bfl.ai": "polling",
+    "delivery-eu1.bfl.ai": "delivery",
+}
+"""The host names the in-memory transport answers on: those of MEMORY_URLS and the regional
+API hosts."""
 
 
 @dataclass(frozen=True)
@@ -110,12 +160,19 @@ class FakeTask:
 
 
 class FakeBFL:
-    """A fake of BFL's FLUX API on three loopback listeners; use it as an async context.
+    """A fake of BFL's FLUX API: on three loopback listeners, or in memory, or both.
 
+    Over real HTTP, enter it as an async context:
     ```
     async with FakeBFL(time_scale=0.01) as fake, httpx.AsyncClient() as http:
         answer = await http.post(f"{fake.base_url}/v1/flux-2-pro", json={"prompt": "a fox"},
                                  headers={"x-key": fake.api_key})
+    ```
+    In memory, with no sockets, under BFL's production host names:
+    ```
+    fake = FakeBFL(time_scale=0.01)
+    async with AsyncBFL(api_key=fake.api_key, http_client=fake.client()) as client:
+        image = await client.generate("flux-2-pro", prompt="a fox", output_dir=tmp)
     ```
 
     Every generation time is multiplied by `time_scale`. `outcome(model, body)` picks each
@@ -183,23 +240,21 @@ class FakeBFL:
         self._bodies_seen: set[tuple[str, str]] = set()
         self._images: dict[tuple[str, str], list[bytes]] = {}
         self._stack: AsyncExitStack | None = None
+        self._loopback: HostURLs | None = None
+        listen: dict[HostKind, tuple[str, int]] = {
+            "api": (host, api_port),
+            "polling": (host, polling_port),
+            "delivery": (delivery_host, delivery_port),
+        }
         self._servers: dict[HostKind, HTTPServer] = {
-            "api": HTTPServer(
-                self._serve_api, host=host, port=api_port, on_error=self.server_errors.append
-            ),
-            "polling": HTTPServer(
-                self._serve_polling,
-                host=host,
-                port=polling_port,
+            kind: HTTPServer(
+                partial(self._serve_loopback, kind),
+                host=address,
+                port=port,
                 on_error=self.server_errors.append,
-            ),
-            "delivery": HTTPServer(
-                self._serve_delivery,
-                host=delivery_host,
-                port=delivery_port,
-                on_error=self.server_errors.append,
-                server_name="Windows-Azure-Blob/1.0 Microsoft-HTTPAPI/2.0",
-            ),
+                server_name=_SERVER_NAMES[kind],
+            )
+            for kind, (address, port) in listen.items()
         }
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -214,6 +269,11 @@ class FakeBFL:
             stack.callback(task_group.cancel_scope.cancel)
             for server in self._servers.values():
                 await server.start(task_group)
+            self._loopback = HostURLs(
+                api=self._servers["api"].base_url,
+                polling=self._servers["polling"].base_url,
+                delivery=self._servers["delivery"].base_url,
+            )
             self._stack = stack.pop_all()
         return self
 
@@ -224,6 +284,7 @@ class FakeBFL:
         traceback: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
+        self._loopback = None
         if stack is not None:
             await stack.aclose()
         if exc_type is None and self.server_errors:
@@ -231,19 +292,58 @@ class FakeBFL:
             raise RuntimeError(f"FakeBFL failed on {count} request(s)") from self.server_errors[0]
 
     @property
+    def loopback_urls(self) -> HostURLs:
+        """The loopback listeners' base URLs, while the fake is entered with `async with`."""
+        if self._loopback is None:
+            raise RuntimeError(
+                "this FakeBFL is not serving on loopback: enter it with `async with`, "
+                "or use fake.client() to reach it in memory"
+            )
+        return self._loopback
+
+    @property
+    def memory_urls(self) -> HostURLs:
+        """The production base URLs the in-memory transport serves (`MEMORY_URLS`)."""
+        return MEMORY_URLS
+
+    @property
     def base_url(self) -> str:
-        """The API host, `http://127.0.0.1:PORT`."""
-        return self._servers["api"].base_url
+        """The API host on loopback, `http://127.0.0.1:PORT`."""
+        return self.loopback_urls.api
 
     @property
     def polling_base_url(self) -> str:
-        """The regional host that `polling_url`s point to."""
-        return self._servers["polling"].base_url
+        """The regional host on loopback that `polling_url`s point to."""
+        return self.loopback_urls.polling
 
     @property
     def delivery_base_url(self) -> str:
-        """The host that serves the images (on another loopback address)."""
-        return self._servers["delivery"].base_url
+        """The host on loopback that serves the images (on another loopback address)."""
+        return self.loopback_urls.delivery
+
+    def transport(self) -> httpx.AsyncBaseTransport:
+        """An httpx transport that serves this fake in memory, with no sockets.
+
+        It answers on BFL's production names, so a client's key routing runs as in
+        production: the API on `https://api.bfl.ai` (and `api.eu.bfl.ai`, `api.us.bfl.ai`),
+        `polling_url`s on `https://api.eu2.bfl.ai`, images on `https://delivery-eu1.bfl.ai`.
+        A request to any other host raises `httpx.ConnectError`. It works whether or not the
+        fake is also entered as a loopback server; both share one state.
+        """
+        return MemoryTransport(
+            {
+                name: MemoryHost(partial(self._serve, kind, MEMORY_URLS), _SERVER_NAMES[kind])
+                for name, kind in _MEMORY_HOSTS.items()
+            },
+            on_error=self.server_errors.append,
+        )
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An `httpx.AsyncClient` on `transport()`; `kwargs` go to the client (timeout...).
+
+        `AsyncBFL(api_key=fake.api_key, http_client=fake.client())` then talks to the fake.
+        """
+        return httpx.AsyncClient(transport=self.transport(), **kwargs)
 
     # -- what a test can ask or change ---------------------------------------------------
 
@@ -267,6 +367,10 @@ class FakeBFL:
     def fail_next(self, kind: FaultKind, fault: Fault, count: int = 1) -> None:
         """Make the next `count` requests of `kind` misbehave, after any faults already queued.
 
+        Over loopback the connection misbehaves; in memory the transport raises what httpx
+        would (`RemoteProtocolError` for a hang-up or a cut body, `ReadTimeout` for an answer
+        later than the read timeout).
+
         - "500", "502", "503": answer that status (text, HTML, JSON with Retry-After: 1); a
           submit creates nothing.
         - "drop_before": close the connection without answering; a submit creates nothing.
@@ -289,33 +393,53 @@ class FakeBFL:
         self._faults[kind].extend([fault] * count)
 
     def sign_url(
-        self, task_id: str, *, expires_at: float | None = None, output_format: str | None = None
+        self,
+        task_id: str,
+        *,
+        expires_at: float | None = None,
+        output_format: str | None = None,
+        urls: HostURLs | None = None,
     ) -> str:
         """The signed delivery URL of a task's image; it expires `result_ttl` seconds after
-        the task ends, or at `expires_at` (epoch seconds)."""
+        the task ends, or at `expires_at` (epoch seconds). It points to `urls.delivery`: by
+        default the loopback host while the fake is entered, else the in-memory one."""
         task = self.tasks[task_id]
         path = f"/results/{task_id}/sample.{output_format or task.output_format}"
         expiry = task.end_time + self.result_ttl if expires_at is None else expires_at
         se = f"{expiry:.3f}"
-        return f"{self.delivery_base_url}{path}?se={se}&sig={self._signature(path, se)}"
+        base = (urls or self._loopback or MEMORY_URLS).delivery
+        return f"{base}{path}?se={se}&sig={self._signature(path, se)}"
+
+    # -- the hosts -----------------------------------------------------------------------
+
+    async def _serve_loopback(self, kind: HostKind, request: Request) -> Response:
+        return await self._serve(kind, self.loopback_urls, request)
+
+    async def _serve(self, kind: HostKind, urls: HostURLs, request: Request) -> Response:
+        """Answer `request` as the host of `kind`, naming hosts in answers after `urls`."""
+        self.keys_seen[kind].append(request.headers.get("x-key"))
+        if kind == "api":
+            return self._serve_api(request, urls)
+        if kind == "polling":
+            return self._serve_polling(request, urls)
+        return self._serve_delivery(request)
 
     # -- the API host --------------------------------------------------------------------
 
-    async def _serve_api(self, request: Request) -> Response:
-        self.keys_seen["api"].append(request.headers.get("x-key"))
+    def _serve_api(self, request: Request, urls: HostURLs) -> Response:
         if request.method == "POST" and request.path.startswith("/v1/"):
             self.submit_attempts += 1
-            return self._with_fault("submit", "api", lambda: self._submit(request))
+            return self._with_fault("submit", "api", lambda: self._submit(request, urls))
         if request.path == "/v1/credits" and request.method == "GET":
             if not self._authorised(request):
                 return _forbidden()
-            return Response.json(200, {"credits": round(self.credits, 4)})
+            return Response.json(200, {"credits": float(round(self.credits, 4))})
         if request.path.removeprefix("/v1/") in self.models:
             return Response.json(405, {"detail": "Method Not Allowed"})
         # /v1/get_result lands here too: the API host does not know regional tasks.
         return _not_found()
 
-    def _submit(self, request: Request) -> Response:
+    def _submit(self, request: Request, urls: HostURLs) -> Response:
         model = request.path.removeprefix("/v1/")
         spec = self.models.get(model)
         if spec is None:
@@ -326,6 +450,9 @@ class FakeBFL:
         if problem is not None:
             return Response.json(422, {"detail": [problem]})
         charge, cost, input_mp, output_mp = _price(spec, body)
+        if output_mp is not None and output_mp > _FLUX2_MAX_MP:
+            detail = f"Output size {output_mp} MP is too large: at most {_FLUX2_MAX_MP:g} MP"
+            return Response.json(400, {"detail": detail})
         if self.credits < charge:
             return Response.json(402, {"detail": "Insufficient credits"})
         pools: tuple[str, ...] = (spec.pool,)
@@ -342,7 +469,7 @@ class FakeBFL:
                 return Response.json(429, {"detail": detail}, [("retry-after", "1")])
         task = self._create_task(model, spec, body, pools, cost)
         self.credits -= charge
-        polling_url = f"{self.polling_base_url}/v1/get_result?id={task.id}"
+        polling_url = f"{urls.polling}/v1/get_result?id={task.id}"
         return Response.json(
             200,
             {
@@ -401,14 +528,13 @@ class FakeBFL:
 
     # -- the polling host ----------------------------------------------------------------
 
-    async def _serve_polling(self, request: Request) -> Response:
-        self.keys_seen["polling"].append(request.headers.get("x-key"))
+    def _serve_polling(self, request: Request, urls: HostURLs) -> Response:
         if request.path != "/v1/get_result" or request.method not in ("GET", "HEAD"):
             return _not_found()
         self.polls += 1
-        return self._with_fault("poll", "polling", lambda: self._poll(request))
+        return self._with_fault("poll", "polling", lambda: self._poll(request, urls))
 
-    def _poll(self, request: Request) -> Response:
+    def _poll(self, request: Request, urls: HostURLs) -> Response:
         if not self._authorised(request):
             return _forbidden()
         task_id = request.query.get("id")
@@ -426,10 +552,10 @@ class FakeBFL:
         task = self.tasks.get(task_id)
         if task is not None:
             task.polls += 1
-            answer.update(self._task_state(task))
+            answer.update(self._task_state(task, urls))
         return Response.json(200, answer, _POLL_HEADERS)
 
-    def _task_state(self, task: FakeTask) -> dict[str, Any]:
+    def _task_state(self, task: FakeTask, urls: HostURLs) -> dict[str, Any]:
         flux1 = task.family == "flux1"
         now = time.monotonic()
         if task.in_flight(now):
@@ -441,7 +567,7 @@ class FakeBFL:
                 "start_time": task.start_time,
                 "prompt": task.body.get("prompt"),
                 "seed": task.seed,
-                "sample": self.sign_url(task.id),
+                "sample": self.sign_url(task.id, urls=urls),
             }
             if flux1:
                 result.update(end_time=task.end_time, duration=task.duration)
@@ -459,8 +585,7 @@ class FakeBFL:
 
     # -- the delivery host ---------------------------------------------------------------
 
-    async def _serve_delivery(self, request: Request) -> Response:
-        self.keys_seen["delivery"].append(request.headers.get("x-key"))
+    def _serve_delivery(self, request: Request) -> Response:
         task_id, dot, ext = request.path.removeprefix("/results/").partition("/sample.")
         if not request.path.startswith("/results/") or not dot or ext not in CONTENT_TYPES:
             return _azure_error(404, "BlobNotFound", "The specified blob does not exist.")

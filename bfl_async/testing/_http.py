@@ -9,7 +9,7 @@ event loop of the test that starts it, under asyncio and trio alike.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -20,7 +20,7 @@ import h11
 from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 from anyio.streams.stapled import MultiListener
 
-__all__ = ["HTTPServer", "Request", "Response"]
+__all__ = ["HTTPServer", "Handler", "Request", "Response", "answer", "reason_phrase"]
 
 _CHUNK = 1 << 16
 _MAX_BODY = 64 << 20
@@ -36,6 +36,20 @@ class Request:
     headers: dict[str, str]
     """Header names lower-cased; a repeated header keeps its last value."""
     body: bytes
+
+    @classmethod
+    def parse(
+        cls, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> Request:
+        """A request from its request-target (path and query) as sent on the wire."""
+        url = urlsplit(target)
+        return cls(
+            method=method,
+            path=url.path,
+            query=dict(parse_qsl(url.query, keep_blank_values=True)),
+            headers={name.lower(): value for name, value in headers},
+            body=body,
+        )
 
 
 @dataclass
@@ -69,8 +83,46 @@ class Response:
         """The body as a sequence of byte strings."""
         return [self.body] if isinstance(self.body, bytes) else self.body
 
+    @property
+    def length(self) -> int:
+        """Bytes in the whole body."""
+        return sum(len(part) for part in self.parts)
+
+    def head(self, server_name: str) -> list[tuple[str, str]]:
+        """The headers to send: the whole body's Content-Length (even when truncated), then
+        the content type and the answer's own headers."""
+        headers = [("server", server_name), ("content-length", str(self.length))]
+        if self.content_type is not None:
+            headers.append(("content-type", self.content_type))
+        return headers + self.headers
+
+    def chunks(self, *, head_only: bool = False) -> Iterator[bytes]:
+        """The body to send, in pieces of at most 64 KiB: nothing for a HEAD request, only
+        the first half when `truncate` is set."""
+        budget = 0 if head_only else self.length // 2 if self.truncate else self.length
+        for part in self.parts:
+            for start in range(0, len(part), _CHUNK):
+                if budget <= 0:
+                    return
+                piece = part[start : start + min(_CHUNK, budget)]
+                budget -= len(piece)
+                yield piece
+
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def answer(
+    handler: Handler, request: Request, on_error: Callable[[BaseException], None] | None
+) -> Response:
+    """`handler`'s answer to `request`; an exception escaping it is passed to `on_error` and
+    answered with a 500, as a server framework would."""
+    try:
+        return await handler(request)
+    except Exception as exc:
+        if on_error is not None:
+            on_error(exc)
+        return Response(500, f"fake server error: {exc!r}".encode(), "text/plain")
 
 
 class HTTPServer:
@@ -129,7 +181,7 @@ class HTTPServer:
                     request = await self._read_request(conn, stream)
                     if request is None:
                         return
-                    response = await self._respond(request)
+                    response = await answer(self._handler, request, self._on_error)
                     head_only = request.method == "HEAD"
                     if not await self._send(conn, stream, response, head_only=head_only):
                         return
@@ -169,24 +221,14 @@ class HTTPServer:
                     await self._send_error(conn, stream, 413)
                     return None
             elif isinstance(event, h11.EndOfMessage) and head is not None:
-                target = urlsplit(head.target.decode("ascii", "replace"))
-                return Request(
-                    method=head.method.decode("ascii"),
-                    path=target.path,
-                    query=dict(parse_qsl(target.query, keep_blank_values=True)),
-                    headers={k.decode("latin-1"): v.decode("latin-1") for k, v in head.headers},
-                    body=bytes(body),
+                return Request.parse(
+                    head.method.decode("ascii"),
+                    head.target.decode("ascii", "replace"),
+                    [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers],
+                    bytes(body),
                 )
             else:
                 return None  # ConnectionClosed, or PAUSED after a protocol switch
-
-    async def _respond(self, request: Request) -> Response:
-        try:
-            return await self._handler(request)
-        except Exception as exc:
-            if self._on_error is not None:
-                self._on_error(exc)
-            return Response(500, f"fake server error: {exc!r}".encode(), "text/plain")
 
     async def _send(
         self, conn: h11.Connection, stream: SocketStream, response: Response, *, head_only: bool
@@ -197,25 +239,15 @@ class HTTPServer:
             await anyio.sleep(response.delay)
         if response.drop:
             return False
-        parts = response.parts
-        length = sum(len(part) for part in parts)
-        headers = [("server", self._server_name), ("content-length", str(length))]
-        if response.content_type is not None:
-            headers.append(("content-type", response.content_type))
-        headers += response.headers
         head = h11.Response(
-            status_code=response.status, headers=headers, reason=_reason(response.status)
+            status_code=response.status,
+            headers=response.head(self._server_name),
+            reason=reason_phrase(response.status),
         )
         await _send_bytes(stream, conn.send(head))
-        budget = 0 if head_only else length // 2 if response.truncate else length
-        for part in parts:
-            for start in range(0, len(part), _CHUNK):
-                if budget <= 0:
-                    break
-                piece = part[start : start + min(_CHUNK, budget)]
-                budget -= len(piece)
-                for data in conn.send_with_data_passthrough(h11.Data(data=piece)) or ():
-                    await _send_bytes(stream, data)
+        for piece in response.chunks(head_only=head_only):
+            for data in conn.send_with_data_passthrough(h11.Data(data=piece)) or ():
+                await _send_bytes(stream, data)
         if response.truncate:
             return False
         await _send_bytes(stream, conn.send(h11.EndOfMessage()))
@@ -225,7 +257,7 @@ class HTTPServer:
         """Answer a request that could not be read, if the protocol state still allows it."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = _reason(status)
+        body = reason_phrase(status)
         headers = [("content-length", str(len(body))), ("connection", "close")]
         head = h11.Response(status_code=status, headers=headers, reason=body)
         try:
@@ -241,7 +273,8 @@ async def _send_bytes(stream: SocketStream, data: bytes | None) -> None:
         await stream.send(data)
 
 
-def _reason(status: int) -> bytes:
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of `status` ("Not Found"), empty when it has none."""
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:

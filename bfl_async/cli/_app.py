@@ -1,0 +1,435 @@
+"""The `bfl` commands: thin typer wrappers over the public API of bfl_async."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bfl_async import (
+    MODELS,
+    AsyncBFL,
+    BFLError,
+    GeneratedImage,
+    MissingAPIKeyError,
+    ModelSpec,
+    OutputExistsError,
+    ParameterError,
+    estimate_cost,
+)
+from bfl_async.testing import FakeBFL
+
+from ._batch import MANIFEST, BatchStats, one_line, run_batch
+from ._connect import CLIError, Connection, Region, fake_generation_time, with_client
+from ._display import (
+    LiveDisplay,
+    PlainDisplay,
+    credits_text,
+    number,
+    print_summary,
+    usd,
+)
+from ._jobs import Job, JobFileError, describe_parameter_error, load_jobs, parse_param
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="bfl",
+    help="Generate images with Black Forest Labs' FLUX API, one at a time or by the batch.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    add_completion=False,
+    # Locals in a traceback could show the API key.
+    pretty_exceptions_show_locals=False,
+)
+
+
+class RegionName(str, enum.Enum):
+    """The API hosts `--region` chooses from."""
+
+    GLOBAL = "global"
+    EU = "eu"
+    US = "us"
+
+
+_REGIONS: dict[RegionName, Region] = {
+    RegionName.GLOBAL: "global",
+    RegionName.EU: "eu",
+    RegionName.US: "us",
+}
+
+# --- options shared by the commands --------------------------------------------------------
+
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="BFL_API_KEY",
+        show_default=False,
+        help="Your BFL API key (default: the BFL_API_KEY variable). Never printed.",
+    ),
+]
+BaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--base-url",
+        envvar="BFL_BASE_URL",
+        show_default=False,
+        help="The API host, instead of the region's (e.g. a fake started by `bfl fake-server`).",
+    ),
+]
+RegionOption = Annotated[
+    RegionName, typer.Option("--region", help="Which of BFL's API hosts to use.")
+]
+Concurrency = Annotated[
+    int | None,
+    typer.Option(
+        "--concurrency",
+        min=1,
+        show_default=False,
+        help="At most N tasks in flight (default: the account's 24; kontext-max: at most 6).",
+    ),
+]
+Fake = Annotated[
+    bool,
+    typer.Option("--fake", help="Run against a fake API started in this process: no key, no cost."),
+]
+OutputDir = Annotated[
+    Path,
+    typer.Option("--output-dir", "-o", file_okay=False, help="Where the images are saved."),
+]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace images that already exist in the output dir.")
+]
+JobsFile = Annotated[
+    Path,
+    typer.Argument(
+        exists=True,
+        dir_okay=False,
+        show_default=False,
+        help="One JSON object per line: model, prompt, other parameters, optional name.",
+    ),
+]
+
+
+def _connection(
+    api_key: str | None,
+    base_url: str | None,
+    region: RegionName,
+    concurrency: int | None,
+    fake: bool,
+) -> Connection:
+    return Connection(
+        api_key=api_key or None,
+        base_url=base_url or None,
+        region=_REGIONS[region],
+        concurrency=concurrency,
+        fake=fake,
+    )
+
+
+# --- running and failing cleanly -----------------------------------------------------------
+
+
+def _stdout() -> Console:
+    return Console(highlight=False)
+
+
+def _print_error(message: str) -> None:
+    """`error: message` on stderr, on one line whatever the terminal's width."""
+    console = Console(stderr=True, highlight=False)
+    console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
+
+
+def _fail(message: str, exit_code: int) -> typer.Exit:
+    """Print `error: message`; return the Exit to raise."""
+    _print_error(message)
+    return typer.Exit(exit_code)
+
+
+def _exit_code(error: Exception) -> int:
+    if isinstance(error, CLIError):
+        return error.exit_code
+    if isinstance(error, ParameterError | OutputExistsError | MissingAPIKeyError):
+        return 2  # the input is wrong; nothing was sent
+    return 1
+
+
+def _run(main: Callable[[], Awaitable[T]], *, status: str | None = None) -> T:
+    """Run `main` on an asyncio event loop; a failure becomes one `error:` line and an exit.
+
+    With `status`, a spinner shows it meanwhile (in a terminal).
+    """
+    spinner = _stdout().status(status) if status else contextlib.nullcontext()
+    try:
+        with spinner:
+            return anyio.run(main, backend="asyncio")
+    except (CLIError, BFLError, OSError) as exc:
+        raise _fail(one_line(exc), _exit_code(exc)) from None
+
+
+def _load_jobs(path: Path, output_dir: Path | None = None, overwrite: bool = False) -> list[Job]:
+    try:
+        return load_jobs(path, output_dir, overwrite=overwrite)
+    except JobFileError as exc:
+        for line in exc.lines():
+            _print_error(line)
+        raise typer.Exit(2) from None
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _fail(f"cannot create the output directory {path}: {exc.strerror}", 2) from None
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Argument(help="The model, e.g. flux-2-pro (see `bfl models`).")],
+    prompt: Annotated[str, typer.Argument(help="What to generate.")],
+    output_dir: OutputDir = Path("."),
+    width: Annotated[int | None, typer.Option(help="Width in pixels.")] = None,
+    height: Annotated[int | None, typer.Option(help="Height in pixels.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed, for repeatable images.")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            metavar="KEY=VALUE",
+            help="Any other parameter (repeatable); the value is read as JSON when it parses.",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="File name of the image, without suffix (default: task id).")
+    ] = None,
+    overwrite: Overwrite = False,
+    fake: Fake = False,
+    concurrency: Concurrency = None,
+    region: RegionOption = RegionName.GLOBAL,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Generate one image; print its path, task id, seed and cost."""
+    params = _params(prompt, width, height, seed, param or [])
+    try:
+        estimate = estimate_cost(model, **params)
+    except ParameterError as exc:
+        raise _fail(describe_parameter_error(exc), 2) from None
+    connection = _connection(api_key, base_url, region, concurrency, fake)
+    _check(connection)
+    _make_dir(output_dir)
+    console = _stdout()
+
+    async def make(client: AsyncBFL) -> GeneratedImage:
+        return await client.generate(
+            model, output_dir=output_dir, name=name, overwrite=overwrite, **params
+        )
+
+    image = _run(lambda: with_client(connection, make), status=f"generating with {model}…")
+    cost = image.cost if image.cost is not None else estimate
+    console.print(f"path    {image.path}", soft_wrap=True)
+    console.print(f"task    {image.task_id}", soft_wrap=True)
+    console.print(f"seed    {image.seed}", soft_wrap=True)
+    console.print(f"cost    {credits_text(cost)}", soft_wrap=True)
+
+
+def _params(
+    prompt: str, width: int | None, height: int | None, seed: int | None, extra: list[str]
+) -> dict[str, Any]:
+    """The submit parameters of `generate`, from its options and its `-p key=value`s."""
+    params: dict[str, Any] = {"prompt": prompt}
+    for key, value in (("width", width), ("height", height), ("seed", seed)):
+        if value is not None:
+            params[key] = value
+    for text in extra:
+        try:
+            key, value = parse_param(text)
+        except ValueError as exc:
+            raise _fail(f"-p: {exc}", 2) from None
+        if key in params:
+            raise _fail(f"{key} is given twice", 2)
+        params[key] = value
+    return params
+
+
+def _check(connection: Connection) -> None:
+    try:
+        connection.check()
+    except CLIError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+
+
+@app.command()
+def batch(
+    jobs_file: JobsFile,
+    output_dir: OutputDir = Path("."),
+    overwrite: Overwrite = False,
+    fake: Fake = False,
+    concurrency: Concurrency = None,
+    region: RegionOption = RegionName.GLOBAL,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Generate every job of a JSONL file, with live progress; write results.jsonl.
+
+    Each line is a JSON object: "model", "prompt", any other parameter, and an optional
+    "name" for the image file. Blank lines and lines starting with # are skipped. Every
+    line is checked before anything is sent. Exits 1 if some jobs failed.
+    """
+    jobs = _load_jobs(jobs_file, output_dir, overwrite)
+    connection = _connection(api_key, base_url, region, concurrency, fake)
+    _check(connection)
+    _make_dir(output_dir)
+    console = _stdout()
+    stats = BatchStats(total=len(jobs))
+    estimate = sum(job.estimate for job in jobs)
+    console.print(
+        f"batch: {len(jobs)} jobs from {jobs_file} -> {output_dir} "
+        f"(estimated {credits_text(estimate)}){' on the fake API' if fake else ''}",
+        soft_wrap=True,
+    )
+
+    async def run(client: AsyncBFL) -> None:
+        if not console.is_terminal:
+            await run_batch(
+                client, jobs, output_dir, stats, PlainDisplay(console, stats), overwrite=overwrite
+            )
+            return
+        with LiveDisplay(console, stats, client.limiter) as display:
+            await run_batch(client, jobs, output_dir, stats, display, overwrite=overwrite)
+
+    try:
+        _run(lambda: with_client(connection, run, on_submitted=stats.on_submitted))
+    except KeyboardInterrupt:
+        raise _fail(
+            f"interrupted after {stats.finished} of {stats.total} jobs; "
+            f"those are listed in {output_dir / MANIFEST}",
+            130,
+        ) from None
+    print_summary(console, stats, output_dir / MANIFEST)
+    raise typer.Exit(1 if stats.failed else 0)
+
+
+@app.command()
+def models() -> None:
+    """List the models: path, pool, family, reference images and price."""
+    table = Table(title="FLUX models", title_justify="left")
+    table.add_column("model", style="bold")
+    table.add_column("pool")
+    table.add_column("family")
+    table.add_column("max refs", justify="right")
+    table.add_column("price")
+    for spec in MODELS.values():
+        family = {"flux2": "FLUX.2", "flux1": "FLUX.1"}.get(spec.family, spec.family)
+        table.add_row(spec.name, spec.pool, family, str(spec.max_references), _price(spec))
+    console = _stdout()
+    console.print(table)
+    console.print(
+        "1 c = 1 credit = 1 US cent; FLUX.2: first megapixel + each further MP in or out."
+    )
+
+
+def _price(spec: ModelSpec) -> str:
+    """`3 c + 1.5 c/MP` (FLUX.2) or `$0.04` (flat, FLUX.1)."""
+    # The pricing classes are not exported, so read their fields by name.
+    pricing = spec.pricing
+    first: float | None = getattr(pricing, "first_mp_cents", None)
+    per_mp: float | None = getattr(pricing, "mp_cents", None)
+    if first is not None and per_mp is not None:
+        return f"{number(first)} c + {number(per_mp)} c/MP"
+    flat: float | None = getattr(pricing, "cents", None)
+    return "?" if flat is None else f"${number(flat / 100, keep=2)}"
+
+
+@app.command()
+def estimate(jobs_file: JobsFile) -> None:
+    """Estimate what a job file will cost, per model and in total, before running it."""
+    jobs = _load_jobs(jobs_file)
+    count: defaultdict[str, int] = defaultdict(int)
+    credits: defaultdict[str, float] = defaultdict(float)
+    for job in jobs:
+        count[job.model] += 1
+        credits[job.model] += job.estimate
+    table = Table(title=f"Estimated cost of {jobs_file}", title_justify="left", show_footer=True)
+    table.add_column("model", footer="total", style="bold")
+    table.add_column("jobs", footer=str(len(jobs)), justify="right")
+    total = sum(credits.values())
+    table.add_column("credits", footer=number(total), justify="right")
+    table.add_column("US$", footer=usd(total), justify="right")
+    for model in sorted(count):
+        table.add_row(model, str(count[model]), number(credits[model]), usd(credits[model]))
+    console = _stdout()
+    console.print(table)
+    console.print(f"total: {credits_text(total)}", soft_wrap=True)
+    console.print(
+        "1 credit = 1 US cent. FLUX.2 counts each reference image as 1 MP; "
+        "BFL bills what each submit reports.",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def credits(
+    fake: Fake = False,
+    region: RegionOption = RegionName.GLOBAL,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Show the account's balance."""
+    connection = _connection(api_key, base_url, region, None, fake)
+    _check(connection)
+
+    async def balance(client: AsyncBFL) -> float:
+        return await client.credits()
+
+    value = _run(lambda: with_client(connection, balance))
+    _stdout().print(f"balance: {credits_text(value)}", soft_wrap=True)
+
+
+@app.command("fake-server")
+def fake_server(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="API port (0: any free port).")] = 0,
+    time_scale: Annotated[
+        float, typer.Option(min=0, help="Multiplies generation times (0.5-2 s per image).")
+    ] = 1.0,
+) -> None:
+    """Run a fake of BFL's API on this machine until Ctrl-C (key: fake-key)."""
+
+    async def serve() -> None:
+        async with FakeBFL(
+            api_port=port, generation_time=fake_generation_time, time_scale=time_scale
+        ) as fake:
+            print(f"FakeBFL listening on {fake.base_url} (API key: {fake.api_key})", flush=True)
+            print(
+                f"  BFL_BASE_URL={fake.base_url} BFL_API_KEY={fake.api_key} "
+                "bfl batch examples/prompts.jsonl -o out",
+                flush=True,
+            )
+            print("Press Ctrl-C to stop.", flush=True)
+            await anyio.sleep_forever()
+
+    try:
+        _run(serve)
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+
+
+def main() -> None:
+    """Entry point of the `bfl` script."""
+    app()

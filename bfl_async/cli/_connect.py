@@ -1,0 +1,131 @@
+"""Where a command sends its requests: the real API, or a FakeBFL embedded in the process."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+from bfl_async import AsyncBFL, Backoff, OnSubmitted
+from bfl_async.testing import FakeBFL
+
+__all__ = [
+    "FAKE_TIME_SCALE_ENV",
+    "CLIError",
+    "Connection",
+    "Region",
+    "fake_generation_time",
+    "fake_time_scale",
+    "open_client",
+    "with_client",
+]
+
+Region = Literal["global", "eu", "us"]
+T = TypeVar("T")
+
+FAKE_TIME_SCALE_ENV = "BFL_FAKE_TIME_SCALE"
+"""Multiplies the generation times of the fake (`--fake`); tests set it low."""
+
+NO_KEY = (
+    "BFL_API_KEY is not set. Set it (or pass --api-key) to run against BFL's API, which "
+    "bills your account; or add --fake to run against a local fake API without a key."
+)
+
+
+class CLIError(Exception):
+    """A problem the command reports as one `error:` line before exiting with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """The common options: which API, which key, how many tasks in flight."""
+
+    api_key: str | None = field(repr=False)
+    base_url: str | None = None
+    region: Region = "global"
+    concurrency: int | None = None
+    fake: bool = False
+
+    def check(self) -> None:
+        """Refuse to go on without a key, rather than ever faking a paid run silently."""
+        if not self.fake and not self.api_key:
+            raise CLIError(NO_KEY)
+
+    @property
+    def limits(self) -> dict[str, int] | None:
+        """The in-flight limits `--concurrency` asks for (None: the library's defaults)."""
+        n = self.concurrency
+        return None if n is None else {"standard": n, "kontext-max": min(6, n)}
+
+
+def fake_generation_time(model: str, rng: random.Random) -> float:
+    """Seconds a fake task takes: 0.5 to 2 s, so a progress display is seen moving."""
+    return rng.uniform(0.5, 2.0)
+
+
+def fake_time_scale() -> float:
+    """The time scale of the embedded fake, from BFL_FAKE_TIME_SCALE (default 1)."""
+    raw = os.environ.get(FAKE_TIME_SCALE_ENV, "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        scale = -1.0
+    if not 0 <= scale < float("inf"):
+        raise CLIError(f"{FAKE_TIME_SCALE_ENV} must be a number >= 0, not {raw!r}")
+    return scale
+
+
+@asynccontextmanager
+async def open_client(
+    connection: Connection, *, on_submitted: OnSubmitted | None = None
+) -> AsyncIterator[AsyncBFL]:
+    """An open AsyncBFL for `connection`; with `fake`, against a FakeBFL in this event loop."""
+    connection.check()
+    if not connection.fake:
+        async with AsyncBFL(
+            connection.api_key,
+            region=connection.region,
+            base_url=connection.base_url,
+            limits=connection.limits,
+            on_submitted=on_submitted,
+        ) as client:
+            yield client
+        return
+    fake = FakeBFL(generation_time=fake_generation_time, time_scale=fake_time_scale())
+    async with (
+        fake,
+        AsyncBFL(
+            fake.api_key,
+            base_url=fake.base_url,
+            limits=connection.limits,
+            on_submitted=on_submitted,
+            poll_schedule=Backoff(initial=0.05, factor=1.5, maximum=0.5),
+        ) as client,
+    ):
+        yield client
+
+
+async def with_client(
+    connection: Connection,
+    action: Callable[[AsyncBFL], Awaitable[T]],
+    *,
+    on_submitted: OnSubmitted | None = None,
+) -> T:
+    """Run `action(client)` and return its value, or raise its exception as it was.
+
+    The exception is re-raised outside the client, so its task group does not wrap it
+    in an ExceptionGroup.
+    """
+    async with open_client(connection, on_submitted=on_submitted) as client:
+        try:
+            return await action(client)
+        except Exception as exc:
+            error = exc
+    raise error

@@ -1,0 +1,660 @@
+"""The `bfl` command line: every command and exit code, against the embedded fake (`--fake`)
+or a FakeBFL the test runs in a background thread (`--base-url`)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from anyio.from_thread import start_blocking_portal
+from typer.testing import CliRunner, Result
+
+from bfl_async import MODELS
+from bfl_async.cli import app
+from bfl_async.cli._connect import Connection
+from bfl_async.cli._display import credits_text, duration, usd
+from bfl_async.cli._jobs import parse_param
+from bfl_async.testing import FakeBFL
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "prompts.jsonl"
+KEY = "bfl-cli-test-key-SECRET-7f3a9c"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF")
+MANIFEST_FIELDS = {"name", "line", "model", "task_id", "status", "path", "seed", "cost", "error"}
+
+StartFake = Callable[..., FakeBFL]
+
+
+@pytest.fixture(autouse=True)
+def _environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("BFL_API_KEY", "BFL_BASE_URL", "FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BFL_FAKE_TIME_SCALE", "0.01")
+
+
+@pytest.fixture
+def start_fake() -> Iterator[StartFake]:
+    """Start FakeBFLs (key KEY) on an event loop in a background thread, for `--base-url`."""
+    with start_blocking_portal(backend="asyncio") as portal, contextlib.ExitStack() as stack:
+
+        def start(**kwargs: Any) -> FakeBFL:
+            fake = FakeBFL(api_key=KEY, generation_time=0.01, **kwargs)
+            return stack.enter_context(portal.wrap_async_context_manager(fake))
+
+        yield start
+
+
+def bfl(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+    """Run `bfl ARGS` in this process."""
+    return CliRunner().invoke(app, [str(arg) for arg in args], env=env)
+
+
+def write_jobs(path: Path, *jobs: dict[str, Any] | str) -> Path:
+    """A JSONL job file: dicts become JSON lines, strings are written as they are."""
+    lines = [job if isinstance(job, str) else json.dumps(job) for job in jobs]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def manifest(directory: Path) -> list[dict[str, Any]]:
+    text = (directory / "results.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.read_bytes().startswith(IMAGE_MAGIC)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("BFL_") and key not in ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+CLI = [sys.executable, "-m", "bfl_async.cli"]
+
+
+# --- generate ------------------------------------------------------------------------------
+
+
+def test_generate_on_the_fake_prints_path_task_seed_and_cost(tmp_path: Path) -> None:
+    result = bfl(
+        "generate", "flux-2-pro", "a red fox", "--width", "512", "--height", "512",
+        "--seed", "42", "-p", "output_format=png", "-p", "prompt_upsampling=true",
+        "-o", tmp_path, "--fake",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    path = Path(fields["path"])
+    assert path.parent == tmp_path and path.suffix == ".png" and is_image(path)
+    assert path.stem == fields["task"]
+    assert fields["seed"] == "42"
+    assert fields["cost"] == "3 credits ($0.03)"
+
+
+def test_generate_with_a_name_and_a_flux1_model_shows_the_catalog_price(tmp_path: Path) -> None:
+    result = bfl(
+        "generate", "flux-kontext-pro", "a poster", "-p", "aspect_ratio=3:4",
+        "--name", "poster", "-o", tmp_path, "--fake",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert is_image(tmp_path / "poster.jpg")
+    assert "cost    4 credits ($0.04)" in result.stdout  # FLUX.1 submits report no cost
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "500"], "width: 500 is not a multiple of 16"),
+        (["-p", "steps=3"], "steps"),
+        (["-p", "no-equals-sign"], "-p: expected key=value"),
+        (["--seed", "1", "-p", "seed=2"], "seed is given twice"),
+    ],
+)
+def test_generate_rejects_bad_parameters_before_anything_is_sent(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = bfl("generate", "flux-2-pro", "a fox", *args, "-o", tmp_path, "--fake")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_an_unknown_model_is_a_usage_error() -> None:
+    result = bfl("generate", "flux-9-ultra", "a fox", "--fake")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "error: unknown model 'flux-9-ultra' (`bfl models` lists the 11 known models)\n"
+    )
+
+
+def test_generate_a_moderated_prompt_fails_with_one_clean_line(
+    start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake(outcome=lambda model, body: "Request Moderated")
+    result = bfl(
+        "generate", "flux-2-klein-4b", "a forbidden fruit", "-o", tmp_path,
+        "--base-url", fake.base_url, "--api-key", KEY,
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: task ") and "moderated" in result.stderr
+    assert KEY not in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("seed=42", ("seed", 42)),
+        ("guidance=2.5", ("guidance", 2.5)),
+        ("raw=true", ("raw", True)),
+        ("output_format=png", ("output_format", "png")),
+        ('prompt="42"', ("prompt", "42")),
+        ("aspect_ratio=16:9", ("aspect_ratio", "16:9")),
+        ("prompt=a=b", ("prompt", "a=b")),
+        ("x=NaN", ("x", "NaN")),
+        ("x=", ("x", "")),
+    ],
+)
+def test_param_values_are_json_when_they_parse(text: str, expected: tuple[str, Any]) -> None:
+    assert parse_param(text) == expected
+
+
+# --- batch ---------------------------------------------------------------------------------
+
+
+def test_batch_on_the_fake_saves_one_image_per_job_and_a_manifest(tmp_path: Path) -> None:
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        "# a comment, then a blank line",
+        "",
+        {"model": "flux-2-pro", "prompt": "a fox", "width": 512, "height": 512, "name": "fox"},
+        {"model": "flux-2-klein-4b", "prompt": "a boat", "seed": 7, "output_format": "png"},
+        {"model": "flux-kontext-pro", "prompt": "a poster", "aspect_ratio": "1:1"},
+    )
+    out = tmp_path / "out"
+    result = bfl("batch", jobs, "-o", out, "--fake")
+    assert result.exit_code == 0, result.output
+    rows = sorted(manifest(out), key=lambda row: row["line"])
+    assert [row["line"] for row in rows] == [3, 4, 5]
+    for row in rows:
+        assert set(row) == MANIFEST_FIELDS
+        assert row["status"] == "ok" and row["error"] is None
+        assert is_image(Path(row["path"]))
+        assert isinstance(row["task_id"], str) and isinstance(row["seed"], int)
+    assert rows[0]["name"] == "fox" and rows[0]["path"] == str(out / "fox.jpg")
+    assert rows[1]["name"] is None and rows[1]["path"] == str(out / f"{rows[1]['task_id']}.png")
+    assert rows[1]["seed"] == 7
+    assert [row["cost"] for row in rows] == [3.0, 1.4, 4.0]
+    assert sorted(p.name for p in out.iterdir() if p.name != "results.jsonl") == sorted(
+        Path(row["path"]).name for row in rows
+    )
+    assert "summary: 3 jobs, 3 ok, 0 failed; 8.4 credits ($0.084)" in result.stdout
+    assert "\x1b[" not in result.output
+
+
+def test_the_example_jobs_all_succeed_on_the_fake(tmp_path: Path) -> None:
+    result = bfl("batch", EXAMPLES, "-o", tmp_path, "--fake")
+    assert result.exit_code == 0, result.output
+    rows = manifest(tmp_path)
+    assert len(rows) == 12 and all(row["status"] == "ok" for row in rows)
+    assert all(is_image(Path(row["path"])) for row in rows)
+    assert {row["model"] for row in rows} >= {"flux-2-pro", "flux-2-klein-4b", "flux-kontext-pro"}
+    assert sum(row["name"] is not None for row in rows) >= 2
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["plain", "terminal"])
+def test_batch_with_failed_jobs_exits_1_and_names_each_one(
+    terminal: bool, start_fake: StartFake, tmp_path: Path
+) -> None:
+    def outcome(model: str, body: dict[str, Any]) -> str:
+        return "Request Moderated" if "forbidden" in body["prompt"] else "Ready"
+
+    fake = start_fake(outcome=outcome)
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        {"model": "flux-2-klein-4b", "prompt": "an apple", "width": 512, "height": 512},
+        {"model": "flux-2-klein-4b", "prompt": "a forbidden fruit", "name": "snake"},
+        {"model": "flux-2-klein-4b", "prompt": "a pear", "name": "pear"},
+        {"model": "flux-2-klein-4b", "prompt": "another forbidden thing"},
+    )
+    out = tmp_path / "out"
+    result = bfl(
+        "batch", jobs, "-o", out, "--base-url", fake.base_url, "--api-key", KEY,
+        "--concurrency", "2",
+        env={"FORCE_COLOR": "1", "COLUMNS": "200"} if terminal else None,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert fake.peak_in_flight["standard"] <= 2
+    rows = {row["line"]: row for row in manifest(out)}
+    assert [rows[n]["status"] for n in (1, 2, 3, 4)] == ["ok", "failed", "ok", "failed"]
+    assert rows[2]["name"] == "snake" and rows[2]["path"] is None
+    assert "moderated" in rows[2]["error"] and rows[2]["task_id"] in fake.tasks
+    assert is_image(out / "pear.jpg") and not list(out.glob("snake.*"))
+    assert KEY not in result.output
+    if terminal:  # the live panel, then the summary tables
+        plain = ANSI.sub("", result.stdout)
+        assert "\x1b[" in result.stdout and "in flight" in plain and "Batch summary" in plain
+        failed_table = plain[plain.index("Failed jobs") :]
+        assert "snake" in failed_table and "line 4" in failed_table
+        assert failed_table.count("moderated") == 2
+        return
+    failed = [line for line in result.stdout.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 2
+    assert failed[0].startswith("failed: snake (line 2, flux-2-klein-4b): task ")
+    assert failed[1].startswith("failed: line 4 (flux-2-klein-4b): task ")
+    assert all("moderated" in line for line in failed)
+    assert "2 ok, 2 failed" in result.stdout
+
+
+def test_jobs_refused_at_submit_fail_without_a_task(start_fake: StartFake, tmp_path: Path) -> None:
+    fake = start_fake(credits=4.0)
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        {"model": "flux-2-pro", "prompt": "one", "seed": 1},
+        {"model": "flux-2-pro", "prompt": "two", "seed": 2},
+    )
+    result = bfl("batch", jobs, "-o", tmp_path, "--base-url", fake.base_url, "--api-key", KEY)
+    assert result.exit_code == 1
+    rows = manifest(tmp_path)
+    failed = [row for row in rows if row["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["task_id"] is None and failed[0]["cost"] is None
+    assert "402" in failed[0]["error"] or "credits" in failed[0]["error"].lower()
+    assert "1 ok, 1 failed; 3 credits ($0.03)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        ('{"prompt": "a fox"}', 'missing "model"'),
+        ('{"model": 3, "prompt": "a fox"}', '"model" must be a string'),
+        ('{"model": "flux-9", "prompt": "a fox"}', "unknown model 'flux-9'"),
+        ('{"model": "flux-2-pro"}', "prompt"),
+        ('{"model": "flux-2-pro", "prompt": "a fox", "width": 1000}', "not a multiple of 16"),
+        ('{"model": "flux-2-pro", "prompt": "a fox", "colour": "red"}', "colour"),
+        ('{"model": "flux-2-pro", "prompt": "a fox", "name": "../x"}', "plain file name"),
+        ('{"model": "flux-2-pro", "prompt": "a fox", "name": 5}', '"name" must be a string'),
+        ('{"model": "flux-2-pro", "prompt": "a fox", "name": "ok"}', "already used on line 2"),
+    ],
+)
+def test_a_malformed_line_is_reported_with_its_number_and_nothing_is_sent(
+    line: str, message: str, start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake()
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        "# jobs",
+        {"model": "flux-2-pro", "prompt": "a valid job", "name": "ok"},
+        line,
+        {"model": "flux-2-pro", "prompt": "another valid job"},
+    )
+    result = bfl(
+        "batch", jobs, "-o", tmp_path / "out", "--base-url", fake.base_url, "--api-key", KEY
+    )
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {jobs}, line 3: ")
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert fake.submit_attempts == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_malformed_line_is_reported(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", "{", '{"model": "flux-2-pro"}', "3")
+    result = bfl("batch", jobs, "--fake")
+    assert result.exit_code == 2
+    assert [line.split(": ")[1] for line in result.stderr.splitlines()] == [
+        f"{jobs}, line 1",
+        f"{jobs}, line 2",
+        f"{jobs}, line 3",
+    ]
+
+
+def test_an_empty_job_file_is_an_input_error(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", "# nothing here", "")
+    result = bfl("batch", jobs, "--fake")
+    assert result.exit_code == 2 and "no jobs" in result.stderr
+
+
+def test_batch_refuses_to_overwrite_a_named_image_unless_asked(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"model": "flux-2-pro", "prompt": "x", "name": "a"})
+    (tmp_path / "a.jpg").write_bytes(b"old")
+    result = bfl("batch", jobs, "-o", tmp_path, "--fake")
+    assert result.exit_code == 2 and "a.jpg already exists (pass --overwrite" in result.stderr
+    assert (tmp_path / "a.jpg").read_bytes() == b"old"
+    result = bfl("batch", jobs, "-o", tmp_path, "--fake", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert is_image(tmp_path / "a.jpg")
+
+
+def test_an_unreadable_job_file_is_an_input_error(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_bytes(b"\xff\xfe{}")
+    result = bfl("batch", jobs, "--fake")
+    assert result.exit_code == 2 and "cannot read the file" in result.stderr
+
+
+def test_an_output_dir_that_cannot_be_made_is_an_input_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = bfl("generate", "flux-2-pro", "a fox", "-o", tmp_path / "file" / "out", "--fake")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: cannot create the output directory")
+
+
+def test_generate_refuses_to_overwrite_a_named_image(tmp_path: Path) -> None:
+    (tmp_path / "fox.jpg").write_bytes(b"old")
+    result = bfl("generate", "flux-2-pro", "a fox", "--name", "fox", "-o", tmp_path, "--fake")
+    assert result.exit_code == 2 and "fox.jpg already exists" in result.stderr
+    assert (tmp_path / "fox.jpg").read_bytes() == b"old"
+
+
+def test_a_bad_fake_time_scale_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BFL_FAKE_TIME_SCALE", "fast")
+    result = bfl("credits", "--fake")
+    assert result.exit_code == 2 and "BFL_FAKE_TIME_SCALE" in result.stderr
+
+
+def test_a_missing_job_file_is_a_usage_error(tmp_path: Path) -> None:
+    result = bfl("batch", tmp_path / "missing.jsonl", "--fake")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "flux-2-pro", "a fox", "-o", "{out}"],
+        ["batch", str(EXAMPLES), "-o", "{out}"],
+        ["credits"],
+    ],
+)
+def test_without_a_key_the_command_says_so_and_exits_2(args: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = bfl(*(arg.format(out=out) for arg in args))
+    assert result.exit_code == 2
+    assert "BFL_API_KEY is not set" in result.stderr
+    assert "--fake" in result.stderr and "without a key" in result.stderr
+    assert not out.exists()
+
+
+def test_an_empty_key_counts_as_none() -> None:
+    result = bfl("credits", env={"BFL_API_KEY": ""})
+    assert result.exit_code == 2 and "BFL_API_KEY is not set" in result.stderr
+
+
+def test_credits_with_the_key_from_the_environment(start_fake: StartFake) -> None:
+    fake = start_fake(credits=1234.5)
+    result = bfl("credits", env={"BFL_API_KEY": KEY, "BFL_BASE_URL": fake.base_url})
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "balance: 1,234.5 credits ($12.345)\n"
+    assert fake.keys_seen["api"] == [KEY]
+
+
+def test_credits_on_the_fake() -> None:
+    result = bfl("credits", "--fake")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "balance: 1,000 credits ($10.00)\n"
+
+
+def test_a_wrong_key_is_one_error_line_that_never_shows_the_key(start_fake: StartFake) -> None:
+    fake = start_fake()
+    wrong = "bfl-wrong-key-SECRET-0000"
+    result = bfl("credits", "--base-url", fake.base_url, "--api-key", wrong)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and "403" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert wrong not in result.output
+
+
+def test_an_unreachable_api_is_one_error_line() -> None:
+    result = bfl("credits", "--base-url", "http://127.0.0.1:9", "--api-key", KEY)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert KEY not in result.output
+
+
+@pytest.mark.parametrize("command", ["generate", "batch", "credits", "estimate", "models", ""])
+def test_help_never_shows_the_key(command: str) -> None:
+    result = bfl(*filter(None, [command]), "--help", env={"BFL_API_KEY": KEY})
+    assert result.exit_code == 0
+    assert KEY not in result.output
+
+
+def test_concurrency_sets_both_pools() -> None:
+    assert Connection(api_key=None).limits is None
+    assert Connection(api_key=None, concurrency=3).limits == {"standard": 3, "kontext-max": 3}
+    assert Connection(api_key=None, concurrency=50).limits == {"standard": 50, "kontext-max": 6}
+    assert KEY not in repr(Connection(api_key=KEY))
+
+
+def test_concurrency_below_one_is_a_usage_error() -> None:
+    result = bfl("credits", "--fake", "--concurrency", "0")
+    assert result.exit_code == 2
+
+
+# --- models and estimate -------------------------------------------------------------------
+
+
+def test_models_lists_path_pool_family_references_and_price() -> None:
+    result = bfl("models")
+    assert result.exit_code == 0, result.output
+    rows = {
+        cells[0]: cells[1:]
+        for line in result.stdout.splitlines()
+        if len(cells := [cell.strip() for cell in line.strip("│ ").split("│")]) == 5
+    }
+    assert rows["flux-2-pro"] == ["standard", "FLUX.2", "8", "3 c + 1.5 c/MP"]
+    assert rows["flux-2-klein-4b"] == ["standard", "FLUX.2", "4", "1.4 c + 0.1 c/MP"]
+    assert rows["flux-kontext-pro"] == ["standard", "FLUX.1", "4", "$0.04"]
+    assert rows["flux-kontext-max"] == ["kontext-max", "FLUX.1", "4", "$0.08"]
+    assert rows["flux-pro-1.1-ultra"] == ["standard", "FLUX.1", "0", "$0.06"]
+    assert set(rows) == set(MODELS)
+
+
+def test_estimate_per_model_and_in_total(tmp_path: Path) -> None:
+    jobs = write_jobs(
+        tmp_path / "jobs.jsonl",
+        {"model": "flux-2-pro", "prompt": "a", "width": 1024, "height": 1024},
+        {"model": "flux-2-pro", "prompt": "b", "width": 2048, "height": 1024},
+        {"model": "flux-kontext-pro", "prompt": "c"},
+        {"model": "flux-2-klein-4b", "prompt": "d", "width": 512, "height": 512},
+    )
+    result = bfl("estimate", jobs)
+    assert result.exit_code == 0, result.output
+    rows = {
+        cells[0]: cells[1:]
+        for line in result.stdout.splitlines()
+        if len(cells := [cell.strip() for cell in line.strip("│ ").split("│")]) == 4
+    }
+    assert rows["flux-2-pro"] == ["2", "7.5", "$0.075"]  # 3 + (3 + 1.5)
+    assert rows["flux-kontext-pro"] == ["1", "4", "$0.04"]
+    assert rows["flux-2-klein-4b"] == ["1", "1.4", "$0.014"]
+    assert rows["total"] == ["4", "12.9", "$0.129"]
+    assert "total: 12.9 credits ($0.129)" in result.stdout
+
+
+def test_estimate_reports_malformed_lines(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"model": "flux-2-pro", "prompt": "a"}, "{")
+    result = bfl("estimate", jobs)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {jobs}, line 2: not valid JSON")
+
+
+@pytest.mark.parametrize(
+    ("credits", "text"),
+    [
+        (3.0, "3 credits ($0.03)"),
+        (1.4, "1.4 credits ($0.014)"),
+        (1.0, "1 credit ($0.01)"),
+        (1000.0, "1,000 credits ($10.00)"),
+        (0.0, "0 credits ($0.00)"),
+    ],
+)
+def test_credits_are_shown_with_their_dollar_figure(credits: float, text: str) -> None:
+    assert credits_text(credits) == text
+
+
+def test_small_formatters() -> None:
+    assert usd(29) == "$0.29"
+    assert duration(3725.4) == "1:02:05"
+
+
+# --- the progress display ------------------------------------------------------------------
+
+
+def small_batch(tmp_path: Path, count: int = 6) -> Path:
+    return write_jobs(
+        tmp_path / "jobs.jsonl",
+        *(
+            {"model": "flux-2-klein-4b", "prompt": f"job {n}", "width": 256, "height": 256}
+            for n in range(count)
+        ),
+    )
+
+
+def test_without_a_terminal_progress_is_plain_lines(tmp_path: Path) -> None:
+    jobs = small_batch(tmp_path)
+    done = subprocess.run(
+        [*CLI, "batch", str(jobs), "-o", str(tmp_path / "out"), "--fake"],
+        capture_output=True,
+        env=subprocess_env(BFL_FAKE_TIME_SCALE="0.01", TERM="xterm-256color"),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"\x1b" not in done.stdout + done.stderr
+    lines = done.stdout.decode().splitlines()
+    assert lines[0].startswith(f"batch: 6 jobs from {jobs}")
+    progress = [line for line in lines if re.match(r"\[[1-6]/6\] ok +line [1-6] -> ", line)]
+    assert [line[:5] for line in progress] == [f"[{n}/6]" for n in range(1, 7)]
+    assert lines[-2].startswith("summary: 6 jobs, 6 ok, 0 failed; 8.4 credits ($0.084)")
+    assert lines[-1] == f"manifest: {tmp_path / 'out' / 'results.jsonl'}"
+
+
+def read_pty(
+    command: list[str], env: dict[str, str], timeout: float = 60
+) -> list[tuple[float, str]]:
+    """Run `command` on a pseudo-terminal; return its output as (time, text) chunks."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks: list[tuple[float, str]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append((time.monotonic(), data.decode(errors="replace")))
+        assert process.wait(timeout=10) == 0, "".join(text for _, text in chunks)
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+    return chunks
+
+
+def test_in_a_terminal_the_live_display_updates_while_jobs_run(tmp_path: Path) -> None:
+    jobs = small_batch(tmp_path)
+    chunks = read_pty(
+        [*CLI, "batch", str(jobs), "-o", str(tmp_path / "out"), "--fake", "--concurrency", "2"],
+        env=subprocess_env(BFL_FAKE_TIME_SCALE="0.3", TERM="xterm-256color"),
+    )
+    raw = "".join(text for _, text in chunks)
+    assert "\x1b[" in raw  # colours and cursor moves
+    plain, times = without_ansi(chunks)
+    # Each frame of the panel: "<spinner> 3/6 ━━━━╸━━━ 50% elapsed …", then the counters.
+    frames = [
+        (times(match.end()), int(match[1]), int(match[2]))
+        for match in re.finditer(r"(\d)/6 .*?\n\s*queued (\d+) +in flight \d/2 standard", plain)
+    ]
+    finished = [count for _, count, _ in frames]
+    assert finished == sorted(finished)  # the counters only go up...
+    assert len(set(finished)) >= 4 and finished[-1] == 6  # ...visibly, step by step
+    first_seen = {count: at for at, count, _ in reversed(frames)}
+    assert first_seen[6] - first_seen[min(first_seen)] > 0.3  # over time, not all at once
+    queued = [count for _, _, count in frames]
+    assert queued == sorted(queued, reverse=True) and queued[0] >= 2 and queued[-1] == 0
+    assert "in flight 2/2 standard" in plain and "in flight 3/2" not in plain
+    assert "done 6" in plain and "failed 0" in plain and "images/min" in plain
+    assert "ETA" in plain and "Batch summary" in plain
+    assert len(manifest(tmp_path / "out")) == 6
+
+
+def without_ansi(chunks: list[tuple[float, str]]) -> tuple[str, Callable[[int], float]]:
+    """The output without escape codes, and when the text at an offset of it arrived."""
+    raw = ""
+    ends: list[tuple[int, float]] = []
+    for at, text in chunks:
+        raw += text
+        ends.append((len(ANSI.sub("", raw)), at))
+
+    def arrival(offset: int) -> float:
+        return next(at for end, at in ends if end >= offset)
+
+    return ANSI.sub("", raw), arrival
+
+
+# --- fake-server ---------------------------------------------------------------------------
+
+
+def test_fake_server_serves_until_ctrl_c(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [*CLI, "fake-server", "--time-scale", "0.01"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        match = re.match(
+            r"FakeBFL listening on (http://127\.0\.0\.1:\d+) \(API key: fake-key\)", first
+        )
+        assert match, first
+        answer = httpx.get(f"{match[1]}/v1/credits", headers={"x-key": "fake-key"})
+        assert answer.json() == {"credits": 1000.0}
+        result = bfl("credits", "--base-url", match[1], "--api-key", "fake-key")
+        assert result.stdout == "balance: 1,000 credits ($10.00)\n"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+        assert "Traceback" not in process.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
