@@ -8,6 +8,7 @@ accepted, and grows back once the 429s have stopped for a while.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -207,7 +208,9 @@ class PollBudget:
     """At most `per_second` polls in any sliding one-second window, shared by all tasks.
 
     BFL answers polls with `X-Ratelimit-Limit: 1200` (per minute): however many tasks are in
-    flight, the client's polls together stay under that. Waiters are served in FIFO order.
+    flight, the client's polls together stay under that. A poll books its time in advance
+    (`reserve`); when its moment is taken, it gets the nearest free moment, earlier if one is
+    free (an early poll costs nothing more than a late one, and finds finished tasks sooner).
     """
 
     def __init__(self, per_second: float = 20.0) -> None:
@@ -215,21 +218,48 @@ class PollBudget:
             raise ValueError("per_second must be at least 1")
         self.per_second = per_second
         self._capacity = int(per_second)
-        self._window = self._capacity / per_second
-        self._sent: deque[float] = deque()
-        self._lock = anyio.Lock()
+        # A little over the window, so that requests that leave a few ms late still fit.
+        self._window = self._capacity / per_second + _WINDOW_MARGIN
+        self._booked: list[float] = []
 
     def __repr__(self) -> str:
         return f"PollBudget(per_second={self.per_second})"
 
+    def _fits(self, at: float) -> bool:
+        """Would one more poll at `at` keep every window around it within capacity?"""
+        booked, window = self._booked, self._window
+        first = bisect.bisect_right(booked, at - window)
+        starts = [t for t in booked[first : bisect.bisect_right(booked, at)]]
+        for start in [*starts, at]:
+            end = start + window
+            if start <= at < end:
+                count = bisect.bisect_left(booked, end) - bisect.bisect_left(booked, start)
+                if count >= self._capacity:
+                    return False
+        return True
+
+    def reserve(self, at: float) -> float:
+        """Book a poll for `anyio.current_time()`-based moment `at`; return the moment got."""
+        now = anyio.current_time()
+        horizon = bisect.bisect_left(self._booked, now - self._window)
+        del self._booked[:horizon]
+        at = max(at, now)
+        for k in range(_SEARCH_SLOTS):
+            for moment in (at - k * _SLOT, at + k * _SLOT) if k else (at,):
+                if moment >= now and self._fits(moment):
+                    bisect.insort(self._booked, moment)
+                    return moment
+        # Saturated far ahead: queue behind the last booking.
+        moment = self._booked[-1] + self._window / self._capacity
+        bisect.insort(self._booked, moment)
+        return moment
+
     async def acquire(self) -> None:
-        """Wait until one more poll fits in the window, and count it."""
-        async with self._lock:
-            while True:
-                now = anyio.current_time()
-                while self._sent and now - self._sent[0] >= self._window:
-                    self._sent.popleft()
-                if len(self._sent) < self._capacity:
-                    self._sent.append(now)
-                    return
-                await anyio.sleep(self._sent[0] + self._window - now)
+        """Wait for the nearest free moment for a poll now."""
+        moment = self.reserve(anyio.current_time())
+        await anyio.sleep(max(0.0, moment - anyio.current_time()))
+
+
+_WINDOW_MARGIN = 0.02
+_SLOT = 0.01
+_SEARCH_SLOTS = 300

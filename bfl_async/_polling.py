@@ -36,9 +36,7 @@ _MAX_RETRY_DELAY = 30.0
 class PollSchedule(Protocol):
     """Decides when to poll a pending task next."""
 
-    def next_delay(
-        self, task: Task, attempt: int, elapsed: float, progress: float | None
-    ) -> float:
+    def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
         """Seconds to wait before poll number `attempt` of `task` (0 is the first poll).
 
         `elapsed` is the time since the task was accepted (for attempt >= 1, when the last
@@ -82,9 +80,7 @@ class Backoff:
             f"maximum={self.maximum}, jitter={self.jitter})"
         )
 
-    def next_delay(
-        self, task: Task, attempt: int, elapsed: float, progress: float | None
-    ) -> float:
+    def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
         """Seconds before the next poll: `initial * factor**attempt`, capped, jittered."""
         base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
         return base * random.uniform(1 - self.jitter, 1 + self.jitter)
@@ -182,9 +178,10 @@ async def watch_task(
     delay = schedule.next_delay(task, 0, anyio.current_time() - accepted_at, None)
     try:
         while True:
-            await anyio.sleep(delay)
+            at = anyio.current_time() + delay
             if budget is not None:
-                await budget.acquire()
+                at = budget.reserve(at)
+            await anyio.sleep(max(0.0, at - anyio.current_time()))
             polls += 1
             sent_at = anyio.current_time() - accepted_at
             try:

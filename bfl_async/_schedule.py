@@ -19,9 +19,12 @@ __all__ = ["LearnedSchedule"]
 
 _MIN_DELAY = 0.05
 _MAX_DELAY = 10.0
-_GRID = 200
+_GRID = 300
 _SEARCH_STEPS = 16
-_ROUNDS = 3
+_NEWTON_STEPS = 12
+_LEARNING = 8  # tasks seen before the budget settles
+_EXPLORE = 1.0  # extra polls per task while learning
+_Z995 = 2.5758  # the standard normal's 99.5 % quantile
 
 
 def _lognormal_cdf(median: float, sigma: float) -> Callable[[float], float]:
@@ -98,12 +101,24 @@ class _Policy:
         return self.after[i] * self.step
 
 
+def _phi(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
 class _Model:
-    """What is known of one model's completion times."""
+    """What is known of one model's completion times: a lognormal fitted to them.
+
+    Generation times are positive and right-skewed; a lognormal fits them with two numbers,
+    which a few dozen tasks pin down well, where a free-form estimate from interval data
+    stays ragged. The fit is a maximum a posteriori estimate: the prior (around the
+    catalog's typical time) counts as `prior_weight` tasks.
+    """
 
     def __init__(self, typical: float, sigma: float, window: int) -> None:
-        self.prior = _lognormal_cdf(typical, sigma)
-        self.prior_horizon = typical * math.exp(3.3 * sigma)
+        self.prior_mu = math.log(typical)
+        self.prior_sigma = sigma
+        self.mu = self.prior_mu
+        self.sigma = sigma
         self.seen: deque[tuple[float, float]] = deque(maxlen=window)
         self.pending: dict[str, float] = {}
         self.policy: _Policy | None = None
@@ -118,49 +133,63 @@ class _Model:
         # Often while little is known, then every 32 tasks.
         return n < 8 or (n < 64 and n & (n - 1) == 0) or n - self.planned_at >= 32
 
-    def cdf(self, step: float, size: int, prior_weight: float) -> list[float]:
-        """The completion-time CDF on the grid (points `k * step`), Kaplan-Meier style.
+    def _log_likelihood(self, mu: float, log_sigma: float, prior_weight: float) -> float:
+        sigma = math.exp(log_sigma)
 
-        A finished task is an event somewhere in the interval where it finished, shared out
-        in proportion to the current estimate (Turnbull's self-consistency, a few rounds),
-        so a wide interval such as "before the first poll" does not smear mass towards 0.
-        Tasks still pending count as at risk up to their last pending poll, so the early
-        finishers of a batch do not make the model look faster than it is; the prior counts
-        as `prior_weight` tasks.
-        """
-        prior = [
-            prior_weight * (self.prior((k + 1) * step) - self.prior(k * step))
-            for k in range(size)
-        ]
-        spans: list[tuple[int, list[float]]] = []
+        def z(t: float) -> float:
+            return (math.log(t) - mu) / sigma if t > 0 else -math.inf
+
+        total = 0.0
         for lower, upper in self.seen:
-            a, b = lower / step, max(upper, lower + 1e-9) / step
-            first = min(int(a), size - 1)
-            shares = [
-                max(0.0, min(b, k + 1) - max(a, k)) for k in range(first, min(int(b), size - 1) + 1)
-            ]
-            spans.append((first, shares or [1.0]))
-        censored = [0] * (size + 1)
+            total += math.log(max(1e-300, _phi(z(upper)) - _phi(z(lower))))
         for last in self.pending.values():
-            censored[min(int(last / step), size)] += 1
-        cdf = [0.0] * size
-        density = [1.0] * size
-        for _ in range(_ROUNDS):
-            events = list(prior)
-            for first, shares in spans:
-                weights = [w * density[first + i] for i, w in enumerate(shares)]
-                total = sum(weights) or 1.0
-                for i, w in enumerate(weights):
-                    events[first + i] += w / total
-            at_risk = prior_weight + len(self.seen) + len(self.pending)
-            survival = 1.0
-            for k in range(size):
-                cdf[k] = 1.0 - survival
-                if at_risk > 1e-9:
-                    survival *= max(0.0, 1.0 - events[k] / at_risk)
-                at_risk -= events[k] + censored[k]
-                density[k] = max(1e-6, (1.0 - survival) - cdf[k])
-        return cdf
+            total += math.log(max(1e-300, 1.0 - _phi(z(last))))
+        # The prior, as `prior_weight` tasks' worth of belief in each parameter.
+        total -= prior_weight * ((mu - self.prior_mu) / self.prior_sigma) ** 2 / 2
+        total -= prior_weight * ((log_sigma - math.log(self.prior_sigma)) / 0.5) ** 2 / 2
+        return total
+
+    def fit(self, prior_weight: float) -> None:
+        """Move (mu, sigma) to the most likely values, by Newton steps on the log-likelihood."""
+        x = [self.mu, math.log(self.sigma)]
+        h = 1e-4
+        for _ in range(_NEWTON_STEPS):
+            f = self._log_likelihood(x[0], x[1], prior_weight)
+            grad, hess = [0.0, 0.0], [[0.0, 0.0], [0.0, 0.0]]
+            for a in range(2):
+                up, down = list(x), list(x)
+                up[a] += h
+                down[a] -= h
+                fu = self._log_likelihood(up[0], up[1], prior_weight)
+                fd = self._log_likelihood(down[0], down[1], prior_weight)
+                grad[a] = (fu - fd) / (2 * h)
+                hess[a][a] = (fu - 2 * f + fd) / (h * h)
+            both = [x[0] + h, x[1] + h]
+            hess[0][1] = hess[1][0] = (
+                self._log_likelihood(both[0], both[1], prior_weight)
+                - f
+                - grad[0] * h
+                - grad[1] * h
+                - 0.5 * (hess[0][0] + hess[1][1]) * h * h
+            ) / (h * h)
+            det = hess[0][0] * hess[1][1] - hess[0][1] * hess[1][0]
+            if hess[0][0] >= 0 or det <= 0:  # not concave here: a small gradient step
+                move = [0.05 * grad[0], 0.05 * grad[1]]
+            else:
+                move = [
+                    -(hess[1][1] * grad[0] - hess[0][1] * grad[1]) / det,
+                    -(-hess[1][0] * grad[0] + hess[0][0] * grad[1]) / det,
+                ]
+            move = [max(-0.5, min(0.5, m)) for m in move]
+            x = [x[0] + move[0], max(math.log(0.05), min(math.log(3.0), x[1] + move[1]))]
+            if abs(move[0]) + abs(move[1]) < 1e-4:
+                break
+        self.mu, self.sigma = x[0], math.exp(x[1])
+
+    @property
+    def scale(self) -> float:
+        """The fitted median: policies are computed in units of it."""
+        return math.exp(self.mu)
 
 
 class LearnedSchedule:
@@ -189,6 +218,7 @@ class LearnedSchedule:
         self._prior_weight = prior_weight
         self._prior_sigma = prior_sigma
         self._models: dict[str, _Model] = {}
+        self._solutions: dict[tuple[float, float], _Policy] = {}
 
     def __repr__(self) -> str:
         return f"LearnedSchedule(polls_per_task={self.polls_per_task})"
@@ -203,14 +233,31 @@ class LearnedSchedule:
 
     def _policy(self, model: _Model) -> _Policy:
         if model.policy is None or model.due():
-            # A coarse pass finds where the distribution ends; the fine grid covers that.
-            coarse = model.cdf(model.prior_horizon / 50, 51, self._prior_weight)
-            end = next((k for k, f in enumerate(coarse) if f >= 0.999), 50)
-            step = max(0.01, 1.25 * (end + 1) * model.prior_horizon / 50 / _GRID)
-            cdf = model.cdf(step, _GRID, self._prior_weight)
-            model.policy = _Policy.solve(cdf, step, self.polls_per_task)
+            model.fit(self._prior_weight)
+            model.policy = self._solved(round(model.sigma, 2), self._budget(model))
             model.planned_at = len(model.seen)
         return model.policy
+
+    def _budget(self, model: _Model) -> float:
+        """Polls per task to plan for: one more while little is known. The first tasks are
+        planned from the prior alone and would otherwise see late; their polls also teach
+        the model where tasks finish."""
+        if len(model.seen) < _LEARNING:
+            return self.polls_per_task + _EXPLORE
+        return self.polls_per_task
+
+    def _solved(self, sigma: float, budget: float) -> _Policy:
+        """The policy for a lognormal of median 1 and this `sigma`: a lognormal's policy
+        scales with its median, so one policy serves every model of that spread."""
+        key = (sigma, budget)
+        policy = self._solutions.get(key)
+        if policy is None:
+            fitted = _lognormal_cdf(1.0, sigma)
+            # The grid covers nearly every task; beyond it, a plain backoff.
+            step = 1.25 * math.exp(sigma * _Z995) / _GRID
+            cdf = [fitted(k * step) for k in range(_GRID)]
+            policy = self._solutions[key] = _Policy.solve(cdf, step, budget)
+        return policy
 
     def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
         """Seconds until the next poll of `task`, last found pending `elapsed` s after its
@@ -219,9 +266,9 @@ class LearnedSchedule:
         if attempt:
             model.pending[task.id] = elapsed
         policy = self._policy(model)
-        planned = policy.next_poll(elapsed)
+        planned = policy.next_poll(elapsed / model.scale)
         delay = (
-            planned - elapsed
+            planned * model.scale - elapsed
             if planned is not None
             else max(0.5, 0.25 * elapsed)  # past everything seen: back off
         )

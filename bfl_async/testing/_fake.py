@@ -224,6 +224,8 @@ class FakeBFL:
         """429 answers to submits."""
         self.polls = 0
         """Every request to /v1/get_result on the polling host."""
+        self.poll_times: list[float] = []
+        """`time.time()` of every poll request, to measure poll rates."""
         self.downloads = 0
         """Every request for an image on the delivery host, whatever the answer."""
         self.duplicate_submits = 0
@@ -532,6 +534,7 @@ class FakeBFL:
         if request.path != "/v1/get_result" or request.method not in ("GET", "HEAD"):
             return _not_found()
         self.polls += 1
+        self.poll_times.append(time.time())
         return self._with_fault("poll", "polling", lambda: self._poll(request, urls))
 
     def _poll(self, request: Request, urls: HostURLs) -> Response:

@@ -1,0 +1,165 @@
+"""The learned poll schedule and the shared poll-rate budget."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from pathlib import Path
+
+import anyio
+import pytest
+
+from bfl_async import AsyncBFL, LearnedSchedule, Task
+from bfl_async._limits import PollBudget
+from bfl_async._schedule import _lognormal_cdf, _Policy
+from bfl_async.testing import FakeBFL
+
+pytestmark = pytest.mark.anyio
+
+
+def task(n: int, model: str = "flux-2-pro") -> Task:
+    return Task(
+        id=f"t{n}", polling_url=f"https://api.eu2.bfl.ai/v1/get_result?id=t{n}", model=model
+    )
+
+
+def teach(schedule: LearnedSchedule, model: str, median: float, sigma: float, n: int) -> None:
+    """Feed `n` tasks seen ready on a 0.5 s polling grid from the first poll at 0.5 s."""
+    rng = random.Random(7)
+    for i in range(n):
+        finish = median * math.exp(sigma * rng.gauss(0, 1))
+        upper = math.ceil(finish / 0.5) * 0.5
+        t = task(i, model)
+        schedule.next_delay(t, 0, 0.0, None)
+        if upper > 0.5:
+            schedule.next_delay(t, 1, upper - 0.5, None)
+        schedule.done(t, max(0.0, upper - 0.5), upper)
+
+
+def first_polls(schedule: LearnedSchedule, model: str, count: int = 6) -> list[float]:
+    """The poll times (seconds after acceptance) a task that stays pending would get."""
+    t, elapsed, times = task(10_000, model), 0.0, []
+    for attempt in range(count):
+        elapsed += schedule.next_delay(t, attempt, elapsed, None)
+        times.append(elapsed)
+    schedule.done(t, elapsed, None)
+    return times
+
+
+def test_the_prior_comes_from_the_catalog() -> None:
+    schedule = LearnedSchedule()
+    klein, pro, unknown = (
+        first_polls(schedule, m)[0] for m in ("flux-2-klein-4b", "flux-2-pro", "flux-9")
+    )
+    assert klein < pro < unknown
+    assert 1.0 < pro < 5.0
+
+
+def test_it_learns_where_tasks_finish() -> None:
+    schedule = LearnedSchedule()
+    teach(schedule, "flux-2-pro", median=2.0, sigma=0.3, n=64)
+    times = first_polls(schedule, "flux-2-pro")
+    # The first poll lands in the lower part of the learned distribution, not the prior's.
+    assert 1.0 < times[0] < 2.0
+    assert times[2] < 3.0
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(0.05 <= g <= 1.5 for g in gaps)
+
+
+def test_a_lognormal_policy_scales_with_the_median() -> None:
+    schedule = LearnedSchedule()
+    teach(schedule, "flux-2-pro", median=2.0, sigma=0.3, n=64)
+    teach(schedule, "flux-2-max", median=8.0, sigma=0.3, n=64)
+    fast, slow = first_polls(schedule, "flux-2-pro")[0], first_polls(schedule, "flux-2-max")[0]
+    assert slow / fast == pytest.approx(4.0, rel=0.25)
+
+
+def test_the_policy_spends_the_poll_budget() -> None:
+    cdf_at = _lognormal_cdf(1.0, 0.4)
+    step = 3.0 / 300
+    cdf = [cdf_at(k * step) for k in range(300)]
+    for budget in (2.5, 3.5, 6.0):
+        policy = _Policy.solve(cdf, step, budget)
+        assert budget - 0.3 <= policy._expected_polls(cdf, policy.after) <= budget
+    cheap, rich = _Policy.solve(cdf, step, 2.5), _Policy.solve(cdf, step, 6.0)
+    assert (rich.next_poll(0.0) or 0.0) < (cheap.next_poll(0.0) or 0.0)
+
+
+def test_progress_extrapolates_the_finish() -> None:
+    schedule = LearnedSchedule()
+    t = task(1, "flux-pro-1.1")
+    schedule.next_delay(t, 0, 0.0, None)
+    # Half done after 2 s: done in about 2 s more, and no later.
+    assert schedule.next_delay(t, 1, 2.0, 0.5) <= 2.0
+    assert schedule.next_delay(t, 2, 3.9, 0.99) == pytest.approx(0.05)
+
+
+def test_past_everything_seen_it_backs_off_to_a_cap() -> None:
+    schedule = LearnedSchedule()
+    teach(schedule, "flux-2-pro", median=2.0, sigma=0.2, n=32)
+    t = task(1)
+    assert schedule.next_delay(t, 5, 20.0, None) == pytest.approx(5.0)
+    assert schedule.next_delay(t, 6, 200.0, None) == pytest.approx(10.0)
+
+
+def test_pending_tasks_count_and_are_forgotten_when_done() -> None:
+    schedule = LearnedSchedule()
+    t = task(1)
+    schedule.next_delay(t, 0, 0.0, None)
+    schedule.next_delay(t, 1, 3.0, None)
+    model = schedule._models["flux-2-pro"]
+    assert model.pending == {"t1": 3.0}
+    schedule.done(t, 3.0, None)  # moderated, failed or cancelled: nothing learned
+    assert model.pending == {} and len(model.seen) == 0
+
+
+def test_bad_budget_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        LearnedSchedule(polls_per_task=0.5)
+    assert "3.5" in repr(LearnedSchedule())
+
+
+async def test_the_client_reports_every_watch_to_its_schedule(tmp_path: Path) -> None:
+    schedule = LearnedSchedule()
+    fake = FakeBFL(generation_time=0.2)
+    async with (
+        AsyncBFL(api_key=fake.api_key, http_client=fake.client(), poll_schedule=schedule) as client,
+        anyio.create_task_group() as tg,
+    ):
+        for n in range(3):
+            tg.start_soon(
+                lambda n=n: client.generate("flux-2-klein-4b", prompt=str(n), output_dir=tmp_path)
+            )
+    model = schedule._models["flux-2-klein-4b"]
+    assert len(model.seen) == 3 and model.pending == {}
+    assert all(0.0 <= lower < upper for lower, upper in model.seen)
+
+
+# --- the poll-rate budget ----------------------------------------------------------------
+
+
+def window_counts(moments: list[float], window: float = 1.0) -> int:
+    ordered = sorted(moments)
+    return max(sum(1 for m in ordered if start <= m < start + window) for start in ordered)
+
+
+async def test_budget_keeps_every_window_within_the_rate() -> None:
+    budget = PollBudget(20.0)
+    now = anyio.current_time()
+    moments = [budget.reserve(now + 2.0) for _ in range(50)]
+    assert window_counts(moments) <= 20
+    assert all(m >= now for m in moments)
+    # The nearest free moments are taken, before as well as after the one asked for.
+    assert min(moments) < now + 2.0 < max(moments)
+    assert max(abs(m - (now + 2.0)) for m in moments) < 1.6
+
+
+async def test_budget_acquire_is_immediate_when_free() -> None:
+    budget = PollBudget(5.0)
+    with anyio.fail_after(0.5):
+        for _ in range(5):
+            await budget.acquire()
+    with pytest.raises(ValueError, match="at least 1"):
+        PollBudget(0.5)
+    assert "5.0" in repr(budget)
