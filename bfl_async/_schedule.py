@@ -20,7 +20,8 @@ __all__ = ["LearnedSchedule"]
 _MIN_DELAY = 0.05
 _MAX_DELAY = 10.0
 _GRID = 300
-_SEARCH_STEPS = 16
+_SEARCH_STEPS = 13
+_SIGMA_STEP = 0.05
 _NEWTON_STEPS = 12
 _LEARNING = 8  # tasks seen before the budget settles
 _EXPLORE = 1.0  # extra polls per task while learning
@@ -56,7 +57,7 @@ class _Policy:
         moment = [0.0] * size  # ∫ t dF up to each grid point
         for k in range(1, size):
             moment[k] = moment[k - 1] + (cdf[k] - cdf[k - 1]) * (k - 0.5) * step
-        low, high = 1e-4, 100.0
+        low, high = 1e-3, 10.0
         best = cls._plan(cdf, moment, step, high)
         for _ in range(_SEARCH_STEPS):
             price = math.sqrt(low * high)
@@ -234,7 +235,9 @@ class LearnedSchedule:
     def _policy(self, model: _Model) -> _Policy:
         if model.policy is None or model.due():
             model.fit(self._prior_weight)
-            model.policy = self._solved(round(model.sigma, 2), self._budget(model))
+            # Spreads a few hundredths apart share a policy: each costs a DP to compute.
+            sigma = round(model.sigma / _SIGMA_STEP) * _SIGMA_STEP
+            model.policy = self._solved(round(sigma, 3), self._budget(model))
             model.planned_at = len(model.seen)
         return model.policy
 
