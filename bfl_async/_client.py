@@ -61,31 +61,38 @@ DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
 class _RoutingTransport(httpx.AsyncBaseTransport):
-    """Separate connection pools for API hosts and delivery hosts.
+    """One connection pool per origin, sized by the kind of host.
 
-    Many large downloads then never hold the connections that polls and submits need.
+    Large downloads then never hold the connections that polls and submits need, and each
+    request scans only its own origin's idle connections (httpcore checks every idle
+    connection of a pool on each request, which adds up with 24+ keep-alive connections).
     """
 
     def __init__(self, base_url: httpx.URL) -> None:
         self._base_url = base_url
-        self._api = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(
-                max_connections=64, max_keepalive_connections=64, keepalive_expiry=20.0
+        self._pools: dict[tuple[str, str, int | None], httpx.AsyncHTTPTransport] = {}
+
+    def _pool(self, url: httpx.URL) -> httpx.AsyncHTTPTransport:
+        origin = (url.scheme, url.host, url.port)
+        pool = self._pools.get(origin)
+        if pool is None:
+            size = _API_CONNECTIONS if is_api_host(url, self._base_url) else _DELIVERY_CONNECTIONS
+            limits = httpx.Limits(
+                max_connections=size, max_keepalive_connections=size, keepalive_expiry=20.0
             )
-        )
-        self._delivery = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(
-                max_connections=32, max_keepalive_connections=32, keepalive_expiry=20.0
-            )
-        )
+            pool = self._pools[origin] = httpx.AsyncHTTPTransport(limits=limits)
+        return pool
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        transport = self._api if is_api_host(request.url, self._base_url) else self._delivery
-        return await transport.handle_async_request(request)
+        return await self._pool(request.url).handle_async_request(request)
 
     async def aclose(self) -> None:
-        await self._api.aclose()
-        await self._delivery.aclose()
+        for pool in self._pools.values():
+            await pool.aclose()
+
+
+_API_CONNECTIONS = 32  # keep-alive for more than the 24 tasks in flight
+_DELIVERY_CONNECTIONS = 32
 
 
 @dataclass(eq=False)

@@ -182,6 +182,8 @@ async def watch_task(
             if budget is not None:
                 at = budget.reserve(at)
             await anyio.sleep(max(0.0, at - anyio.current_time()))
+            if budget is not None:
+                await budget.send()
             polls += 1
             sent_at = anyio.current_time() - accepted_at
             try:

@@ -19,7 +19,7 @@ __all__ = ["LearnedSchedule"]
 
 _MIN_DELAY = 0.05
 _MAX_DELAY = 10.0
-_GRID = 300
+_GRID = 200
 _SEARCH_STEPS = 13
 _SIGMA_STEP = 0.05
 _NEWTON_STEPS = 12

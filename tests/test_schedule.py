@@ -163,3 +163,13 @@ async def test_budget_acquire_is_immediate_when_free() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         PollBudget(0.5)
     assert "5.0" in repr(budget)
+
+
+async def test_budget_send_holds_polls_that_would_break_the_window() -> None:
+    budget = PollBudget(20.0)
+    with anyio.fail_after(0.5):
+        for _ in range(20):
+            await budget.send()
+    with anyio.move_on_after(0.1) as late:
+        await budget.send()  # the window is full for about another second
+    assert late.cancelled_caught
