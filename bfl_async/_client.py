@@ -33,7 +33,7 @@ from ._errors import (
     Problem,
     WaitTimeoutError,
 )
-from ._http import API, REGIONS, Accepted, NotSent, Refused, is_api_host
+from ._http import API, REGIONS, Accepted, NotSent, Refused, float_or_none, is_api_host
 from ._limits import Limiter, PollBudget, Slot
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
 from ._polling import PollSchedule, watch_task
@@ -117,13 +117,6 @@ class _Watch:
             "on BFL's side: call wait(e.task) on an open client",
             task=self.task,
         )
-
-
-def _float_or_none(value: Any) -> float | None:
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _pool_of(model: str) -> str:
@@ -373,9 +366,9 @@ class AsyncBFL:
             id=answer["id"],
             polling_url=answer["polling_url"],
             model=model,
-            cost=_float_or_none(answer.get("cost")),
-            input_mp=_float_or_none(answer.get("input_mp")),
-            output_mp=_float_or_none(answer.get("output_mp")),
+            cost=float_or_none(answer.get("cost")),
+            input_mp=float_or_none(answer.get("input_mp")),
+            output_mp=float_or_none(answer.get("output_mp")),
             submitted_at=time.time(),
         )
         slot.accepted()
@@ -635,7 +628,7 @@ class AsyncBFL:
     async def credits(self) -> float:
         """The account's remaining credits (1 credit = 1 US cent)."""
         body = await self._api.call("GET", "/v1/credits", "reading credits")
-        value = _float_or_none(body.get("credits")) if isinstance(body, dict) else None
+        value = float_or_none(body.get("credits")) if isinstance(body, dict) else None
         if value is None:
             raise BFLError(f"unexpected answer to GET /v1/credits: {body!r:.200}")
         return value

@@ -86,6 +86,22 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def float_or_none(value: Any) -> float | None:
+    """A number from an answer's field, or None when it is missing or not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def int_or_none(value: Any) -> int | None:
+    """An integer from an answer's field (seeds may exceed 2**32), or None."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def body_of(response: httpx.Response) -> Any:
     """The answer's JSON body, or its text when it is not JSON (an HTML error page...)."""
     try:

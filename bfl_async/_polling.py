@@ -21,7 +21,14 @@ from ._errors import (
     ModerationError,
     TaskNotFoundError,
 )
-from ._http import API, body_of, error_from_response, parse_retry_after
+from ._http import (
+    API,
+    body_of,
+    error_from_response,
+    float_or_none,
+    int_or_none,
+    parse_retry_after,
+)
 from ._limits import PollBudget
 from ._models import Result, Task
 
@@ -96,20 +103,6 @@ def _retry_delay(base: float, failures: int, retry_after: float | None = None) -
     return delay * random.uniform(1.0, 1.25)
 
 
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _float_or_none(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _terminal(task: Task, body: Mapping[str, Any], polls: int) -> Result:
     """The Result of a terminal poll answer, or the TaskError it stands for."""
     status = body["status"]
@@ -126,11 +119,11 @@ def _terminal(task: Task, body: Mapping[str, Any], polls: int) -> Result:
         return Result(
             task=task,
             sample=sample,
-            seed=_int_or_none(result.get("seed")),
+            seed=int_or_none(result.get("seed")),
             prompt=result.get("prompt") if isinstance(result.get("prompt"), str) else None,
-            start_time=_float_or_none(result.get("start_time")),
-            end_time=_float_or_none(result.get("end_time")),
-            duration=_float_or_none(result.get("duration")),
+            start_time=float_or_none(result.get("start_time")),
+            end_time=float_or_none(result.get("end_time")),
+            duration=float_or_none(result.get("duration")),
             ready_at=time.time(),
             polls=polls,
             raw=result,
@@ -228,7 +221,7 @@ async def watch_task(
                     status,
                 )
             raw_progress = body.get("progress")
-            progress = _float_or_none(raw_progress) if raw_progress is not None else progress
+            progress = float_or_none(raw_progress) if raw_progress is not None else progress
             attempt += 1
             delay = schedule.next_delay(task, attempt, pending_at, progress)
     finally:
