@@ -22,7 +22,7 @@ import anyio
 import anyio.abc
 import httpx
 
-from ._catalog import CATALOG
+from ._catalog import CATALOG, ModelSpec
 from ._download import IMAGE_SUFFIXES, Downloader
 from ._errors import (
     APIConnectionError,
@@ -519,7 +519,23 @@ class AsyncBFL:
         """
         started = anyio.current_time()
         spec, body = build_request(model, params)
-        directory = Path(output_dir)
+        return await self._generate(
+            spec, body, params, Path(output_dir), name, overwrite, timeout, on_submitted, started
+        )
+
+    async def _generate(
+        self,
+        spec: ModelSpec,
+        body: Mapping[str, Any],
+        params: Mapping[str, Any],
+        directory: Path,
+        name: str | None,
+        overwrite: bool,
+        timeout: float | _Unset | None,
+        on_submitted: OnSubmitted | None,
+        started: float,
+    ) -> GeneratedImage:
+        """`generate` once the request is built: check the output, submit, wait, download."""
         if name is not None:
             _check_name(spec.name, name)
             if not overwrite:
@@ -562,7 +578,7 @@ class AsyncBFL:
         tg = self._task_group()
         jobs = list(requests)
         send, receive = anyio.create_memory_object_stream[Outcome](max_buffer_size=math.inf)
-        runnable: list[tuple[int, str, str | None, dict[str, Any]]] = []
+        runnable: list[tuple[int, ModelSpec, dict[str, Any], dict[str, Any], str | None]] = []
         names: set[str] = set()
         for index, job in enumerate(jobs):
             params = dict(job)
@@ -571,9 +587,13 @@ class AsyncBFL:
             try:
                 if not isinstance(model, str):
                     raise ParameterError(str(model), [Problem("model", "missing", "a model name")])
-                build_request(model, params)
+                spec, body = build_request(model, params)
                 if name is not None:
-                    _check_name(model, str(name))
+                    if not isinstance(name, str):
+                        raise ParameterError(
+                            model, [Problem("name", f"{name!r} is not a string", "a file name")]
+                        )
+                    _check_name(model, name)
                     if name in names:
                         raise ParameterError(
                             model, [Problem("name", f"{name!r} is used twice", "unique names")]
@@ -582,17 +602,27 @@ class AsyncBFL:
             except BFLError as exc:
                 send.send_nowait(Outcome(index=index, request=job, error=exc))
                 continue
-            runnable.append((index, model, name, params))
+            runnable.append((index, spec, body, params, name))
+        directory = Path(output_dir)
 
-        async def run_one(index: int, model: str, name: str | None, params: dict[str, Any]) -> None:
+        async def run_one(
+            index: int,
+            spec: ModelSpec,
+            body: dict[str, Any],
+            params: dict[str, Any],
+            name: str | None,
+        ) -> None:
             try:
-                image = await self.generate(
-                    model,
-                    output_dir=output_dir,
-                    name=name,
-                    overwrite=overwrite,
-                    timeout=timeout,
-                    **params,
+                image = await self._generate(
+                    spec,
+                    body,
+                    params,
+                    directory,
+                    name,
+                    overwrite,
+                    timeout,
+                    None,
+                    anyio.current_time(),
                 )
                 outcome = Outcome(index=index, request=jobs[index], image=image)
             except Exception as exc:
@@ -607,8 +637,8 @@ class AsyncBFL:
             try:
                 with scope:
                     async with send, anyio.create_task_group() as jobs_tg:
-                        for index, model, name, params in runnable:
-                            jobs_tg.start_soon(run_one, index, model, name, params)
+                        for job in runnable:
+                            jobs_tg.start_soon(run_one, *job)
             finally:
                 finished.set()
 

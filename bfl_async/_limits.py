@@ -255,12 +255,6 @@ class PollBudget:
         bisect.insort(self._booked, moment)
         return moment
 
-    async def acquire(self) -> None:
-        """Wait for the nearest free moment for a poll now, then `send`."""
-        moment = self.reserve(anyio.current_time())
-        await anyio.sleep(max(0.0, moment - anyio.current_time()))
-        await self.send()
-
     async def send(self) -> None:
         """The last check before a poll leaves: the moments polls really leave at (a busy
         event loop runs some late) stay within the rate too."""

@@ -802,9 +802,10 @@ async def test_generate_many_yields_one_outcome_per_job(
         {"model": "flux-2-pro", "prompt": "d", "width": 1001},
         {"model": "flux-2-pro", "prompt": "e", "name": "a"},
         {"prompt": "no model"},
+        {"model": "flux-2-pro", "prompt": "f", "name": 7},
     ]
     outcomes = [o async for o in client.generate_many(jobs, output_dir=tmp_path)]
-    assert sorted(o.index for o in outcomes) == list(range(6))
+    assert sorted(o.index for o in outcomes) == list(range(7))
     by_index = {o.index: o for o in outcomes}
     assert by_index[0].ok and by_index[0].image is not None
     assert by_index[0].image.path == tmp_path / "a.png"
@@ -812,6 +813,7 @@ async def test_generate_many_yields_one_outcome_per_job(
     assert isinstance(by_index[3].error, ParameterError)
     assert isinstance(by_index[4].error, ParameterError)
     assert isinstance(by_index[5].error, ParameterError)
+    assert isinstance(by_index[6].error, ParameterError)
     moderated = [o for o in outcomes if isinstance(o.error, ModerationError)]
     assert len(moderated) == 1
     assert mock.routes  # every submit went out once

@@ -155,11 +155,11 @@ async def test_budget_keeps_every_window_within_the_rate() -> None:
     assert max(abs(m - (now + 2.0)) for m in moments) < 1.6
 
 
-async def test_budget_acquire_is_immediate_when_free() -> None:
+async def test_budget_send_is_immediate_when_free() -> None:
     budget = PollBudget(5.0)
     with anyio.fail_after(0.5):
         for _ in range(5):
-            await budget.acquire()
+            await budget.send()
     with pytest.raises(ValueError, match="at least 1"):
         PollBudget(0.5)
     assert "5.0" in repr(budget)
