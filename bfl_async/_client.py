@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import ssl
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
@@ -64,13 +65,15 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
     """One connection pool per origin, sized by the kind of host.
 
     Large downloads then never hold the connections that polls and submits need, and each
-    request scans only its own origin's idle connections (httpcore checks every idle
-    connection of a pool on each request, which adds up with 24+ keep-alive connections).
+    request scans only its own origin's idle connections: httpcore checks every idle
+    connection of a pool on each request (quadratically in places), so few are kept alive.
+    The pools share one TLS context (each costs tens of milliseconds of CPU to load).
     """
 
     def __init__(self, base_url: httpx.URL) -> None:
         self._base_url = base_url
         self._pools: dict[tuple[str, str, int | None], httpx.AsyncHTTPTransport] = {}
+        self._tls: ssl.SSLContext | None = None
 
     def _pool(self, url: httpx.URL) -> httpx.AsyncHTTPTransport:
         origin = (url.scheme, url.host, url.port)
@@ -78,9 +81,13 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
         if pool is None:
             size = _API_CONNECTIONS if is_api_host(url, self._base_url) else _DELIVERY_CONNECTIONS
             limits = httpx.Limits(
-                max_connections=size, max_keepalive_connections=size, keepalive_expiry=20.0
+                max_connections=size,
+                max_keepalive_connections=_KEEP_ALIVE,
+                keepalive_expiry=_IDLE_EXPIRY,
             )
-            pool = self._pools[origin] = httpx.AsyncHTTPTransport(limits=limits)
+            if self._tls is None:
+                self._tls = httpx.create_ssl_context()
+            pool = self._pools[origin] = httpx.AsyncHTTPTransport(verify=self._tls, limits=limits)
         return pool
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -91,8 +98,12 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
-_API_CONNECTIONS = 32  # keep-alive for more than the 24 tasks in flight
+_API_CONNECTIONS = 32  # room for a burst of 24 submits, and polls beside them
 _DELIVERY_CONNECTIONS = 32
+_KEEP_ALIVE = 8  # after the first burst, requests come a few at a time
+# The pool reuses its oldest idle connection first, so connections a burst added beyond the
+# ones in steady use idle until they expire.
+_IDLE_EXPIRY = 10.0
 
 
 @dataclass(eq=False)

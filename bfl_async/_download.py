@@ -28,6 +28,7 @@ logger = logging.getLogger("bfl_async")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
 _PEEK = 12
+_WRITE_BLOCK = 256 * 1024
 
 
 def image_suffix(head: bytes) -> str | None:
@@ -164,6 +165,8 @@ class Downloader:
         part = directory / f"{name}.part"
         for attempt in range(1, self._attempts + 1):
             head = b""
+            # Written in blocks: each write is a trip to a worker thread.
+            block = bytearray()
             try:
                 async with (
                     await anyio.open_file(part, "wb") as out,
@@ -172,7 +175,11 @@ class Downloader:
                     async for chunk in chunks:
                         if len(head) < _PEEK:
                             head += chunk[: _PEEK - len(head)]
-                        await out.write(chunk)
+                        block += chunk
+                        if len(block) >= _WRITE_BLOCK:
+                            await out.write(block)
+                            block.clear()
+                    await out.write(block)
                 break
             except _Broken as exc:
                 if attempt == self._attempts:

@@ -208,66 +208,65 @@ class PollBudget:
     """At most `per_second` polls in any sliding one-second window, shared by all tasks.
 
     BFL answers polls with `X-Ratelimit-Limit: 1200` (per minute): however many tasks are in
-    flight, the client's polls together stay under that. A poll books its time in advance
-    (`reserve`); when its moment is taken, it gets the nearest free moment, earlier if one is
-    free (an early poll costs nothing more than a late one, and finds finished tasks sooner).
+    flight, the client's polls together stay under that. Polls are paced, at least
+    `1 / per_second` s apart (a little more, for the jitter of the network and the event
+    loop), never in bursts that a server's window would count together. A poll books its
+    moment in advance (`reserve`); when that moment is taken, it gets the nearest free one,
+    earlier if one is free (an early poll costs nothing more than a late one, and finds
+    finished tasks sooner).
     """
 
     def __init__(self, per_second: float = 20.0) -> None:
         if per_second < 1:
             raise ValueError("per_second must be at least 1")
         self.per_second = per_second
-        self._capacity = int(per_second)
-        # A little over the window: requests leave a few ms off their booked moment.
-        self._window = self._capacity / per_second + _WINDOW_MARGIN
+        self._gap = (1.0 + _MARGIN) / per_second
         self._booked: list[float] = []
-        self._sent: deque[float] = deque()
+        self._next_send = -math.inf
 
     def __repr__(self) -> str:
         return f"PollBudget(per_second={self.per_second})"
 
-    def _fits(self, at: float) -> bool:
-        """Would one more poll at `at` keep every window around it within capacity?"""
-        booked, window = self._booked, self._window
-        first = bisect.bisect_right(booked, at - window)
-        starts = [t for t in booked[first : bisect.bisect_right(booked, at)]]
-        for start in [*starts, at]:
-            end = start + window
-            if start <= at < end:
-                count = bisect.bisect_left(booked, end) - bisect.bisect_left(booked, start)
-                if count >= self._capacity:
-                    return False
-        return True
-
     def reserve(self, at: float) -> float:
         """Book a poll for `anyio.current_time()`-based moment `at`; return the moment got."""
         now = anyio.current_time()
-        horizon = bisect.bisect_left(self._booked, now - self._window)
-        del self._booked[:horizon]
+        booked, gap = self._booked, self._gap
+        del booked[: bisect.bisect_left(booked, now - gap)]
         at = max(at, now)
-        for k in range(_SEARCH_SLOTS):
-            for moment in (at - k * _SLOT, at + k * _SLOT) if k else (at,):
-                if moment >= now and self._fits(moment):
-                    bisect.insort(self._booked, moment)
-                    return moment
-        # Saturated far ahead: queue behind the last booking.
-        moment = self._booked[-1] + self._window / self._capacity
-        bisect.insort(self._booked, moment)
-        return moment
+        i = bisect.bisect_left(booked, at)
+
+        def free(k: int) -> tuple[float, float]:
+            """The free stretch before booking k (after the last one for k = len)."""
+            low = booked[k - 1] + gap if k else now
+            high = booked[k] - gap if k < len(booked) else math.inf
+            return max(low, now), high
+
+        # The nearest free moment at or after `at` (in `at`'s own stretch, maybe before it)...
+        for k in range(i, len(booked) + 1):
+            low, high = free(k)
+            if low <= high:
+                best = min(max(at, low), high)
+                break
+        # ...unless an earlier stretch ends nearer.
+        for k in range(i - 1, -1, -1):
+            low, high = free(k)
+            if high < now or at - high >= abs(best - at):
+                break
+            if low <= high:
+                best = high
+                break
+        bisect.insort(booked, best)
+        return best
 
     async def send(self) -> None:
-        """The last check before a poll leaves: the moments polls really leave at (a busy
-        event loop runs some late) stay within the rate too."""
-        while True:
-            now = anyio.current_time()
-            while self._sent and now - self._sent[0] >= self._window:
-                self._sent.popleft()
-            if len(self._sent) < self._capacity:
-                self._sent.append(now)
-                return
-            await anyio.sleep(self._sent[0] + self._window - now)
+        """The last check before a poll leaves: polls that wake together (a busy event loop
+        runs some late) still leave `gap` apart."""
+        now = anyio.current_time()
+        moment = max(now, self._next_send)
+        self._next_send = moment + self._gap * _SEND_SLACK
+        if moment > now:
+            await anyio.sleep(moment - now)
 
 
-_WINDOW_MARGIN = 0.02
-_SLOT = 0.01
-_SEARCH_SLOTS = 300
+_MARGIN = 0.05
+_SEND_SLACK = 0.95  # bookings are `gap` apart; leaving may be a little closer, never bunched

@@ -8,6 +8,7 @@ times that minimise the expected detection delay for a given number of polls per
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable
@@ -19,12 +20,14 @@ __all__ = ["LearnedSchedule"]
 
 _MIN_DELAY = 0.05
 _MAX_DELAY = 10.0
-_GRID = 200
-_SEARCH_STEPS = 13
+_GRID = 400
+_SEARCH_STEPS = 10
 _SIGMA_STEP = 0.05
 _NEWTON_STEPS = 12
 _LEARNING = 8  # tasks seen before the budget settles
 _EXPLORE = 1.0  # extra polls per task while learning
+_MAX_SCALE = 1.5  # at most this many times `polls_per_task` planned
+_BUDGET_STEP = 0.05
 _Z995 = 2.5758  # the standard normal's 99.5 % quantile
 
 
@@ -49,6 +52,12 @@ class _Policy:
     def __init__(self, step: float, after: list[int]) -> None:
         self.step = step
         self.after = after
+        # The polls of a task that stays pending (after acceptance at 0).
+        self.times = [0.0]
+        i = 0
+        while i < len(after) - 1:
+            i = after[i]
+            self.times.append(i * step)
 
     @classmethod
     def solve(cls, cdf: list[float], step: float, polls_per_task: float) -> _Policy:
@@ -70,20 +79,36 @@ class _Policy:
 
     @staticmethod
     def _plan(cdf: list[float], moment: list[float], step: float, price: float) -> list[int]:
+        # The cost of polling at j after i, given cdf[i] = x, is a line in x:
+        #   price * (1 - x) + moment[i] + (b[j] - j * step * x),
+        #   b[j] = j * step * cdf[j] - moment[j] + cost[j],
+        # so the best j is found on the lower envelope of those lines (the convex hull
+        # trick). Lines come in with rising slope (-j * step, j falling) and queries with
+        # falling x, so one pass with a deque does it: O(grid), not O(grid**2).
         size = len(cdf)
         last = size - 1
         cost = [0.0] * size
         after = [last] * size
         cost[last] = (1.0 - cdf[last]) * (price + 0.5)
+        slopes = [-j * step for j in range(size)]
+        heights = [0.0] * size
+        heights[last] = last * step * cdf[last] - moment[last] + cost[last]
+        hull: deque[int] = deque([last])
         for i in range(last - 1, -1, -1):
-            made = price * (1.0 - cdf[i])  # the next poll happens if the task was pending
-            fi, mi = cdf[i], moment[i]
-            best, choice = math.inf, last
-            for j in range(i + 1, size):
-                c = made + j * step * (cdf[j] - fi) - (moment[j] - mi) + cost[j]
-                if c < best:
-                    best, choice = c, j
-            cost[i], after[i] = best, choice
+            x = cdf[i]
+            while len(hull) > 1 and (
+                slopes[hull[1]] * x + heights[hull[1]] <= slopes[hull[0]] * x + heights[hull[0]]
+            ):
+                hull.popleft()
+            j = hull[0]
+            cost[i] = price * (1.0 - x) + moment[i] + slopes[j] * x + heights[j]
+            after[i] = j
+            heights[i] = i * step * x - moment[i] + cost[i]
+            while len(hull) > 1 and _crossing(slopes, heights, hull[-1], i) >= _crossing(
+                slopes, heights, hull[-2], hull[-1]
+            ):
+                hull.pop()
+            hull.append(i)
         return after
 
     @staticmethod
@@ -94,12 +119,19 @@ class _Policy:
             i = after[i]
         return polls + 1.0 - cdf[i]
 
+    def polls_until(self, finish: float) -> int:
+        """How many polls the policy makes of a task that finishes at `finish`."""
+        return bisect.bisect_left(self.times, finish, lo=1)
+
     def next_poll(self, elapsed: float) -> float | None:
-        """Seconds after acceptance of the next poll, or None past the horizon."""
-        i = int(elapsed / self.step)
-        if i >= len(self.after) - 1:
-            return None
-        return self.after[i] * self.step
+        """The first poll after `elapsed`, or None past the horizon."""
+        k = bisect.bisect_right(self.times, elapsed + 1e-9)
+        return self.times[k] if k < len(self.times) else None
+
+
+def _crossing(slopes: list[float], heights: list[float], a: int, b: int) -> float:
+    """Where lines a and b of the hull cross."""
+    return (heights[b] - heights[a]) / (slopes[a] - slopes[b])
 
 
 def _phi(z: float) -> float:
@@ -122,6 +154,13 @@ class _Model:
         self.sigma = sigma
         self.seen: deque[tuple[float, float]] = deque(maxlen=window)
         self.pending: dict[str, float] = {}
+        self.polls: dict[str, int] = {}  # polls so far of each task being watched
+        # Of the last tasks seen ready once learning was over, (polls the plan would have
+        # made, polls made): a busy poll budget moves polls later, where they find more
+        # tasks ready, so fewer are made than planned.
+        self.spent: deque[tuple[int, int]] = deque(maxlen=64)
+        self.budget = 0.0
+        self.learning = True
         self.policy: _Policy | None = None
         self.planned_at = -1
 
@@ -237,17 +276,25 @@ class LearnedSchedule:
             model.fit(self._prior_weight)
             # Spreads a few hundredths apart share a policy: each costs a DP to compute.
             sigma = round(model.sigma / _SIGMA_STEP) * _SIGMA_STEP
-            model.policy = self._solved(round(sigma, 3), self._budget(model))
+            model.budget = self._budget(model)
+            model.learning = len(model.seen) < _LEARNING
+            model.policy = self._solved(round(sigma, 3), model.budget)
             model.planned_at = len(model.seen)
         return model.policy
 
     def _budget(self, model: _Model) -> float:
-        """Polls per task to plan for: one more while little is known. The first tasks are
-        planned from the prior alone and would otherwise see late; their polls also teach
-        the model where tasks finish."""
+        """Polls per task to plan for, so that `polls_per_task` are made on average.
+
+        One more while little is known: the first tasks are planned from the prior alone
+        and would otherwise be seen late; their polls also teach the model where tasks
+        finish. Past that, the plan is scaled by how many of the planned polls were made.
+        """
         if len(model.seen) < _LEARNING:
             return self.polls_per_task + _EXPLORE
-        return self.polls_per_task
+        planned = sum(budget for budget, _ in model.spent)
+        made = sum(polls for _, polls in model.spent)
+        scale = min(_MAX_SCALE, max(1.0, planned / made)) if made else 1.0
+        return round(self.polls_per_task * scale / _BUDGET_STEP) * _BUDGET_STEP
 
     def _solved(self, sigma: float, budget: float) -> _Policy:
         """The policy for a lognormal of median 1 and this `sigma`: a lognormal's policy
@@ -266,6 +313,7 @@ class LearnedSchedule:
         """Seconds until the next poll of `task`, last found pending `elapsed` s after its
         acceptance (just accepted for attempt 0)."""
         model = self._model(task.model)
+        model.polls[task.id] = attempt
         if attempt:
             model.pending[task.id] = elapsed
         policy = self._policy(model)
@@ -284,5 +332,9 @@ class LearnedSchedule:
         `upper` None, its watch ended otherwise: moderated, failed, cancelled)."""
         model = self._model(task.model)
         model.pending.pop(task.id, None)
+        polls = model.polls.pop(task.id, 0) + 1
         if upper is not None:
+            if not model.learning and model.policy is not None:
+                finish = (lower + upper) / 2 / model.scale
+                model.spent.append((model.policy.polls_until(finish), polls))
             model.seen.append((max(0.0, lower), max(lower, upper)))

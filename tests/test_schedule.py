@@ -86,6 +86,98 @@ def test_the_policy_spends_the_poll_budget() -> None:
     assert (rich.next_poll(0.0) or 0.0) < (cheap.next_poll(0.0) or 0.0)
 
 
+def brute_force_plan(
+    cdf: list[float], moment: list[float], step: float, price: float
+) -> list[float]:
+    """Every state's optimal cost by trying every next poll: the O(grid**2) reference."""
+    last = len(cdf) - 1
+    cost = [0.0] * len(cdf)
+    cost[last] = (1.0 - cdf[last]) * (price + 0.5)
+    for i in range(last - 1, -1, -1):
+        cost[i] = min(
+            price * (1.0 - cdf[i])
+            + j * step * (cdf[j] - cdf[i])
+            - (moment[j] - moment[i])
+            + cost[j]
+            for j in range(i + 1, len(cdf))
+        )
+    return cost
+
+
+def cost_of(
+    cdf: list[float], moment: list[float], step: float, price: float, after: list[int]
+) -> list[float]:
+    """Every state's cost when following `after`."""
+    last = len(cdf) - 1
+    cost = [0.0] * len(cdf)
+    cost[last] = (1.0 - cdf[last]) * (price + 0.5)
+    for i in range(last - 1, -1, -1):
+        j = after[i]
+        cost[i] = (
+            price * (1.0 - cdf[i])
+            + j * step * (cdf[j] - cdf[i])
+            - (moment[j] - moment[i])
+            + cost[j]
+        )
+    return cost
+
+
+def test_the_fast_plan_is_as_good_as_trying_every_poll_time() -> None:
+    rng = random.Random(3)
+    for _ in range(60):
+        sigma, size = rng.uniform(0.05, 1.5), rng.choice([3, 20, 120])
+        step = 1.25 * math.exp(sigma * 2.5758) / size
+        cdf_at = _lognormal_cdf(1.0, sigma)
+        cdf = [cdf_at(k * step) for k in range(size)]
+        moment = [0.0] * size
+        for k in range(1, size):
+            moment[k] = moment[k - 1] + (cdf[k] - cdf[k - 1]) * (k - 0.5) * step
+        price = math.exp(rng.uniform(-7.0, 2.0))
+        after = _Policy._plan(cdf, moment, step, price)
+        assert all(i < j for i, j in enumerate(after[:-1]))
+        best = brute_force_plan(cdf, moment, step, price)
+        assert cost_of(cdf, moment, step, price, after) == pytest.approx(best, abs=1e-9)
+
+
+def finish(schedule: LearnedSchedule, n: int, fewer: int) -> None:
+    """Task `n` found ready 4 s after acceptance (pending at 3.5 s), with `fewer` polls than
+    the schedule planned for a task finishing then (at least one)."""
+    model = schedule._models["flux-2-pro"]
+    assert model.policy is not None
+    planned = model.policy.polls_until(3.75 / model.scale)
+    t = task(n)
+    for attempt in range(max(1, planned - fewer)):
+        schedule.next_delay(t, attempt, 3.5 if attempt else 0.0, None)
+    schedule.done(t, 3.5, 4.0)
+
+
+def test_planned_polls_rise_when_a_busy_budget_saves_some() -> None:
+    schedule = LearnedSchedule(polls_per_task=3.0)
+    teach(schedule, "flux-2-pro", median=4.0, sigma=0.4, n=16)
+    model = schedule._models["flux-2-pro"]
+    for n in range(100, 164):  # as many polls as planned: the plan stays
+        finish(schedule, n, fewer=0)
+    assert schedule._budget(model) == pytest.approx(3.0)
+    for n in range(200, 264):  # a busy budget saved one each: plan more
+        finish(schedule, n, fewer=1)
+    assert 3.0 < schedule._budget(model) <= 4.5
+    for n in range(300, 364):  # however many it saves, at most 1.5 times the setting
+        finish(schedule, n, fewer=10)
+    assert schedule._budget(model) == pytest.approx(4.5)
+
+
+def test_a_policy_counts_its_polls_up_to_a_finish() -> None:
+    cdf_at = _lognormal_cdf(1.0, 0.4)
+    step = 3.0 / 300
+    policy = _Policy.solve([cdf_at(k * step) for k in range(300)], step, 3.5)
+    first, second = policy.times[1], policy.times[2]
+    assert policy.polls_until(first / 2) == 1
+    assert policy.polls_until(first) == 1
+    assert policy.polls_until((first + second) / 2) == 2
+    assert policy.next_poll(first) == second
+    assert policy.next_poll(policy.times[-1]) is None
+
+
 def test_progress_extrapolates_the_finish() -> None:
     schedule = LearnedSchedule()
     t = task(1, "flux-pro-1.1")
@@ -150,26 +242,39 @@ async def test_budget_keeps_every_window_within_the_rate() -> None:
     moments = [budget.reserve(now + 2.0) for _ in range(50)]
     assert window_counts(moments) <= 20
     assert all(m >= now for m in moments)
+    # Paced, never in bursts: a server's window cannot catch two polls together.
+    ordered = sorted(moments)
+    assert min(b - a for a, b in itertools.pairwise(ordered)) >= 1.05 / 20 - 1e-9
     # The nearest free moments are taken, before as well as after the one asked for.
     assert min(moments) < now + 2.0 < max(moments)
     assert max(abs(m - (now + 2.0)) for m in moments) < 1.6
 
 
+async def test_budget_fills_the_gaps_between_bookings() -> None:
+    budget = PollBudget(10.0)  # 0.105 s apart
+    now = anyio.current_time()
+    assert budget.reserve(now + 1.0) == now + 1.0
+    assert budget.reserve(now + 1.3) == now + 1.3
+    # Room for one more between them, at least 0.105 s from both.
+    assert budget.reserve(now + 1.05) == pytest.approx(now + 1.105)
+    # None left in between: the nearest free moment, later or earlier.
+    assert budget.reserve(now + 1.25) == pytest.approx(now + 1.405)
+    assert budget.reserve(now + 1.1) == pytest.approx(now + 0.895)
+
+
 async def test_budget_send_is_immediate_when_free() -> None:
     budget = PollBudget(5.0)
     with anyio.fail_after(0.5):
-        for _ in range(5):
-            await budget.send()
+        await budget.send()
     with pytest.raises(ValueError, match="at least 1"):
         PollBudget(0.5)
     assert "5.0" in repr(budget)
 
 
-async def test_budget_send_holds_polls_that_would_break_the_window() -> None:
-    budget = PollBudget(20.0)
+async def test_budget_send_holds_polls_that_would_leave_together() -> None:
+    budget = PollBudget(5.0)  # 0.21 s apart, a little less when leaving
     with anyio.fail_after(0.5):
-        for _ in range(20):
-            await budget.send()
+        await budget.send()
     with anyio.move_on_after(0.1) as late:
-        await budget.send()  # the window is full for about another second
+        await budget.send()
     assert late.cancelled_caught
