@@ -21,13 +21,12 @@ from typing import Annotated, Any
 try:
     from fastapi import APIRouter, Depends, FastAPI, Request, Response
     from fastapi.responses import JSONResponse
-except ImportError as exc:  # pragma: no cover - exercised without the extra only
+except ImportError as exc:
     raise ImportError(
         "bfl_async.fastapi needs FastAPI: install it with pip install 'bfl-async[fastapi]'"
     ) from exc
 
-from ._client import AsyncBFL
-from ._errors import WebhookPayloadError, WebhookVerificationError
+from . import AsyncBFL, WebhookPayloadError, WebhookVerificationError
 
 __all__ = ["BFLClient", "bfl_lifespan", "get_client", "webhook_router"]
 

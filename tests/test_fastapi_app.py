@@ -3,9 +3,11 @@ FakeBFL on loopback, driven by many httpx clients (asyncio only: uvicorn runs on
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -215,3 +217,10 @@ def test_get_client_explains_a_missing_lifespan() -> None:
     request = Request({"type": "http", "state": {}})
     with pytest.raises(RuntimeError, match="bfl_lifespan"):
         get_client(request)
+
+
+def test_a_missing_fastapi_is_a_clear_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    monkeypatch.delitem(sys.modules, "bfl_async.fastapi")
+    with pytest.raises(ImportError, match=r"pip install 'bfl-async\[fastapi\]'"):
+        importlib.import_module("bfl_async.fastapi")

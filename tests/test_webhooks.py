@@ -281,6 +281,7 @@ async def test_submits_carry_the_clients_webhook_unless_the_call_has_its_own(
     assert [b["webhook_secret"] for b in bodies] == [SECRET, "o", SECRET]
 
 
+@BOTH
 @pytest.mark.anyio
 async def test_a_delivered_event_ends_the_watch_at_once_and_frees_the_slot(
     mock: respx.MockRouter,
@@ -301,6 +302,7 @@ async def test_a_delivered_event_ends_the_watch_at_once_and_frees_the_slot(
     assert poll.call_count == 0
 
 
+@BOTH
 @pytest.mark.anyio
 async def test_an_event_overtaking_the_submit_answer_is_kept(mock: respx.MockRouter) -> None:
     async with hooked() as client:
@@ -318,6 +320,7 @@ async def test_an_event_overtaking_the_submit_answer_is_kept(mock: respx.MockRou
         assert result.seed == 7
 
 
+@BOTH
 @pytest.mark.anyio
 async def test_a_rebuilt_handle_picks_up_a_kept_event(mock: respx.MockRouter) -> None:
     poll = mock.get(polling_url("task-9")).mock(return_value=poll_answer("Pending", "task-9"))
@@ -352,6 +355,7 @@ async def test_a_pushed_failure_ends_the_wait_with_its_error(
         assert client.limiter.in_use("standard") == 0
 
 
+@BOTH
 @pytest.mark.anyio
 async def test_a_pushed_ready_without_result_is_polled_at_once(mock: respx.MockRouter) -> None:
     mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
