@@ -19,6 +19,7 @@ from bfl_async import (
     Backoff,
     GenerationError,
     ModerationError,
+    SubmissionUncertainError,
     Task,
     TaskNotFoundError,
     WaitTimeoutError,
@@ -583,3 +584,18 @@ async def test_an_unreachable_webhook_url_gives_up_and_polling_still_finishes() 
                 await anyio.sleep(0.005)
     assert result.polls >= 1
     assert (fake.webhooks.attempts, fake.webhooks.delivered) == (3, 0)
+
+
+@pytest.mark.anyio
+async def test_the_clients_webhook_secret_is_redacted_from_errors(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="bfl_async")
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=httpx.ReadTimeout("slow"))
+    async with hooked() as client:
+        with pytest.raises(SubmissionUncertainError) as caught:
+            await client.submit("flux-2-pro", prompt="a fox")
+    error = caught.value
+    assert error.params["webhook_url"] == HOOK and error.params["webhook_secret"] == "***"
+    for text in (str(error), repr(error), repr(error.params), caplog.text):
+        assert SECRET not in text
