@@ -30,12 +30,15 @@ from ._errors import (
     TaskNotFoundError,
     UnknownModelError,
     WaitTimeoutError,
+    WebhookPayloadError,
+    WebhookVerificationError,
 )
 from ._limits import Limiter
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
 from ._polling import Backoff, PollSchedule
 from ._requests import estimate_cost
 from ._schedule import LearnedSchedule
+from .webhooks import WebhookEvent, sign_webhook, verify_webhook
 
 __version__ = "0.1.0"
 
@@ -75,6 +78,11 @@ __all__ = [
     "Timings",
     "UnknownModelError",
     "WaitTimeoutError",
+    "WebhookEvent",
+    "WebhookPayloadError",
+    "WebhookVerificationError",
     "__version__",
     "estimate_cost",
+    "sign_webhook",
+    "verify_webhook",
 ]

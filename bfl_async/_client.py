@@ -14,7 +14,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, overload
@@ -37,9 +37,11 @@ from ._errors import (
 from ._http import API, REGIONS, Accepted, NotSent, Refused, float_or_none, is_api_host
 from ._limits import Limiter, PollBudget, Slot
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
-from ._polling import PollSchedule, watch_task
+from ._polling import PollSchedule, _terminal, watch_task
+from ._push import EarlyEvents, FirstNow, Slowed, poll_answer
 from ._requests import build_request
 from ._schedule import LearnedSchedule
+from .webhooks import WebhookEvent, verify_webhook
 
 __all__ = ["AsyncBFL", "OnSubmitted"]
 
@@ -114,9 +116,14 @@ class _Watch:
     slot: Slot
     accepted_at: float
     done: anyio.Event
+    pushed: bool = False
+    """A webhook will report the task's end: poll only as a slow safety net."""
     result: Result | None = None
     error: Exception | None = None
     finished_at: float | None = None
+    event: WebhookEvent | None = None
+    """The terminal webhook event that ended the watch, if one did."""
+    polling: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
     def outcome(self) -> Result:
         if self.result is not None:
@@ -128,6 +135,18 @@ class _Watch:
             "on BFL's side: call wait(e.task) on an open client",
             task=self.task,
         )
+
+
+def _check_webhook(url: str | None, secret: str | None) -> str | None:
+    """The client's webhook URL, once checked to come with a secret and to be http(s)."""
+    if url is None and secret is None:
+        return None
+    if not url or not secret:
+        raise ValueError("give webhook_url and webhook_secret together, both non-empty")
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("webhook_url must be an absolute http(s) URL")
+    return url
 
 
 def _pool_of(model: str) -> str:
@@ -171,6 +190,8 @@ class AsyncBFL:
         rate_limit_retries: int = 20,
         download_attempts: int = 3,
         retry_base_delay: float = 0.5,
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("BFL_API_KEY")
         if not key:
@@ -192,6 +213,11 @@ class AsyncBFL:
         self._downloader = Downloader(self._http, attempts=download_attempts)
         self._limiter = Limiter(limits, separate_pools=separate_pools)
         self._schedule: PollSchedule = poll_schedule or LearnedSchedule()
+        self.webhook_url = _check_webhook(webhook_url, webhook_secret)
+        """Where BFL pushes the end of the tasks this client submits (None: polling only)."""
+        self._webhook_secret = webhook_secret
+        self._slowed = Slowed(self._schedule)
+        self._early = EarlyEvents()
         self._poll_budget = PollBudget(poll_rate) if poll_rate is not None else None
         self._wait_timeout = wait_timeout
         self._close_grace = close_grace
@@ -321,6 +347,11 @@ class AsyncBFL:
     ) -> tuple[_Watch, float, float]:
         """Submit with the retry rules of `post_submit`; return the watch and its timings."""
         tg = self._task_group()
+        if self.webhook_url is not None and "webhook_url" not in body:
+            hook = {"webhook_url": self.webhook_url, "webhook_secret": self._webhook_secret}
+            body = {**body, **hook}
+            params = {**params, **hook}
+        pushed = isinstance(body.get("webhook_url"), str)
         not_sent = refused = 0
         front = False
         started = anyio.current_time()
@@ -342,7 +373,7 @@ class AsyncBFL:
                         failure = exc
                     else:
                         assert slot is not None
-                        watch = self._adopt(tg, accepted, model, slot)
+                        watch = self._adopt(tg, accepted, model, slot, pushed)
                         slot = None
                         await self._notify(watch.task, on_submitted)
                         return watch, queued, anyio.current_time() - sent_at
@@ -371,7 +402,9 @@ class AsyncBFL:
                 logger.info("submit to %r not sent (%s); retrying", model, failure.reason)
             await anyio.sleep(delay * random.uniform(1.0, 1.25))
 
-    def _adopt(self, tg: anyio.abc.TaskGroup, accepted: Accepted, model: str, slot: Slot) -> _Watch:
+    def _adopt(
+        self, tg: anyio.abc.TaskGroup, accepted: Accepted, model: str, slot: Slot, pushed: bool
+    ) -> _Watch:
         answer = accepted.body
         task = Task(
             id=answer["id"],
@@ -384,27 +417,35 @@ class AsyncBFL:
         )
         slot.accepted()
         logger.debug("task %s accepted by %r", task.id, model)
-        return self._start_watch(tg, task, slot, anyio.current_time())
+        return self._start_watch(tg, task, slot, anyio.current_time(), pushed)
 
     def _start_watch(
-        self, tg: anyio.abc.TaskGroup, task: Task, slot: Slot, accepted_at: float
+        self, tg: anyio.abc.TaskGroup, task: Task, slot: Slot, accepted_at: float, pushed: bool
     ) -> _Watch:
         self._prune()
-        watch = _Watch(task=task, slot=slot, accepted_at=accepted_at, done=anyio.Event())
+        watch = _Watch(
+            task=task, slot=slot, accepted_at=accepted_at, done=anyio.Event(), pushed=pushed
+        )
         self._watches[task.id] = watch
+        early = self._early.pop(task.id)
+        if early is not None:
+            self._resolve(watch, early)
         tg.start_soon(self._run_watch, watch, name=f"bfl-watch-{task.id}")
         return watch
 
     async def _run_watch(self, watch: _Watch) -> None:
         try:
-            watch.result = await watch_task(
-                self._api,
-                watch.task,
-                self._schedule,
-                accepted_at=watch.accepted_at,
-                budget=self._poll_budget,
-                retry_base_delay=self._retry_base,
-            )
+            with watch.polling:  # cancelled by a webhook event, see `deliver`
+                watch.result = await self._poll(watch, self._slowed if watch.pushed else None)
+            if watch.result is None and watch.event is not None:
+                answer = poll_answer(watch.event)
+                if watch.event.status == "Ready" and not isinstance(
+                    (watch.event.result or {}).get("sample"), str
+                ):
+                    # The push said Ready without saying where the image is: ask now.
+                    watch.result = await self._poll(watch, FirstNow(self._schedule))
+                else:
+                    watch.result = _terminal(watch.task, answer, 0)
         except Exception as exc:
             watch.error = exc
             logger.info("task %s ended: %s", watch.task.id, exc)
@@ -413,6 +454,16 @@ class AsyncBFL:
             watch.finished_at = anyio.current_time()
             self._finished.append(watch)
             watch.done.set()
+
+    async def _poll(self, watch: _Watch, schedule: PollSchedule | None) -> Result:
+        return await watch_task(
+            self._api,
+            watch.task,
+            schedule or self._schedule,
+            accepted_at=watch.accepted_at,
+            budget=self._poll_budget,
+            retry_base_delay=self._retry_base,
+        )
 
     def _prune(self) -> None:
         horizon = anyio.current_time() - _KEEP_FINISHED
@@ -452,7 +503,8 @@ class AsyncBFL:
             tg = self._task_group()
             slot = self._limiter.claim(_pool_of(task.model))
             elapsed = time.time() - task.submitted_at if task.submitted_at else 0.0
-            watch = self._start_watch(tg, task, slot, anyio.current_time() - max(0.0, elapsed))
+            accepted_at = anyio.current_time() - max(0.0, elapsed)
+            watch = self._start_watch(tg, task, slot, accepted_at, self.webhook_url is not None)
         return await self._await(watch, timeout)
 
     async def _await(self, watch: _Watch, timeout: float | _Unset | None) -> Result:
@@ -466,6 +518,49 @@ class AsyncBFL:
                 task=watch.task,
             )
         return watch.outcome()
+
+    # --- webhooks ----------------------------------------------------------------------
+
+    def handle_webhook(self, body: bytes, headers: Mapping[str, str]) -> WebhookEvent:
+        """Verify a webhook delivery with the client's `webhook_secret`, then `deliver` it.
+
+        Takes the raw request body and headers; raises `WebhookVerificationError` for a
+        forged delivery (answer 401) and `WebhookPayloadError` for a malformed one (400).
+        Cheap and non-blocking: answer BFL right after it returns.
+        """
+        if self._webhook_secret is None:
+            raise RuntimeError(
+                "this AsyncBFL has no webhook secret to verify deliveries with: create it "
+                "with AsyncBFL(webhook_url=..., webhook_secret=...)"
+            )
+        event = verify_webhook(body, headers, self._webhook_secret)
+        self.deliver(event)
+        return event
+
+    def deliver(self, event: WebhookEvent) -> bool:
+        """Hand a verified webhook event over: its task's watch ends at once.
+
+        The slot is released and `wait`/`generate` get the result without another poll.
+        Returns True when the event was news; duplicates (deliveries are at-least-once)
+        and non-terminal events return False and change nothing. An event for a task the
+        client does not know yet is kept for two minutes: it may overtake the submit's
+        answer.
+        """
+        if not event.terminal:
+            return False
+        watch = self._watches.get(event.task_id)
+        if watch is None:
+            return self._early.add(event)
+        if watch.done.is_set() or watch.event is not None:
+            return False
+        self._resolve(watch, event)
+        return True
+
+    @staticmethod
+    def _resolve(watch: _Watch, event: WebhookEvent) -> None:
+        logger.debug("task %s ended by webhook: %s", watch.task.id, event.status)
+        watch.event = event
+        watch.polling.cancel()
 
     # --- download ----------------------------------------------------------------------
 

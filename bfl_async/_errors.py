@@ -36,6 +36,8 @@ __all__ = [
     "TaskNotFoundError",
     "UnknownModelError",
     "WaitTimeoutError",
+    "WebhookPayloadError",
+    "WebhookVerificationError",
 ]
 
 
@@ -230,3 +232,14 @@ class ResultExpiredError(TaskError):
 
 class DownloadError(TaskError):
     """The image could not be downloaded intact; the handle is kept, so try again."""
+
+
+# --- webhooks -----------------------------------------------------------------------------
+
+
+class WebhookVerificationError(BFLError):
+    """A webhook delivery has no valid signature or secret: reject it (HTTP 401)."""
+
+
+class WebhookPayloadError(BFLError):
+    """A verified webhook delivery has a body that is not a task event: answer 400."""

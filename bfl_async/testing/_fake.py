@@ -30,9 +30,11 @@ from typing import Any, Literal, get_args
 import anyio
 import httpx
 
+from ..webhooks import WebhookScheme
 from ._http import HTTPServer, Request, Response
 from ._images import CONTENT_TYPES, render
 from ._memory import MemoryHost, MemoryTransport
+from ._webhooks import WebhookSender
 
 __all__ = [
     "MEMORY_URLS",
@@ -178,6 +180,12 @@ class FakeBFL:
     Every generation time is multiplied by `time_scale`. `outcome(model, body)` picks each
     task's final status. `fail_next` injects faults. Counters (`submits`, `rate_limited`,
     `peak_in_flight`...) and `tasks` tell a test what the client did.
+
+    A submit with a `webhook_url` is POSTed there when its task ends, while the fake is
+    entered: status `SUCCESS` for a ready task (else the poll status), signed under
+    `webhook_scheme`, retried `webhook_retries` times (delays from `webhook_retry_delay`,
+    doubling) while the receiver fails, sent `webhook_copies` times (at-least-once), through
+    `webhook_transport` if given (an ASGI app in memory, say). `webhooks` counts them.
     """
 
     def __init__(
@@ -200,6 +208,11 @@ class FakeBFL:
         api_port: int = 0,
         polling_port: int = 0,
         delivery_port: int = 0,
+        webhook_scheme: WebhookScheme = "signature",
+        webhook_retries: int = 3,
+        webhook_retry_delay: float = 0.5,
+        webhook_copies: int = 1,
+        webhook_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.api_key = api_key
         self.limits: dict[str, int] = {**DEFAULT_LIMITS, **(limits or {})}
@@ -236,6 +249,16 @@ class FakeBFL:
         self.server_errors: list[BaseException] = []
         """Exceptions raised inside the fake; the context exit raises if there are any."""
 
+        self.webhooks = WebhookSender(
+            self._task_state,
+            scheme=webhook_scheme,
+            retries=webhook_retries,
+            retry_delay=webhook_retry_delay,
+            copies=webhook_copies,
+            transport=webhook_transport,
+        )
+        """Webhook deliveries and their counters (`attempts`, `delivered`, `failed`, `sent`)."""
+
         self._secret = secrets.token_bytes(32)
         self._faults: dict[str, deque[Fault]] = {kind: deque() for kind in get_args(FaultKind)}
         self._active: list[FakeTask] = []
@@ -267,10 +290,12 @@ class FakeBFL:
         async with AsyncExitStack() as stack:
             for server in self._servers.values():
                 stack.push_async_callback(server.aclose)  # after the task group has exited
+            stack.push_async_callback(self.webhooks.aclose)
             task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(task_group.cancel_scope.cancel)
             for server in self._servers.values():
                 await server.start(task_group)
+            self.webhooks.start(task_group)
             self._loopback = HostURLs(
                 api=self._servers["api"].base_url,
                 polling=self._servers["polling"].base_url,
@@ -365,6 +390,7 @@ class FakeBFL:
         now = time.monotonic()
         for task in [self.tasks[task_id] for task_id in task_ids] or self.tasks.values():
             task.ends_at = min(task.ends_at, now)
+        self.webhooks.wake()
 
     def fail_next(self, kind: FaultKind, fault: Fault, count: int = 1) -> None:
         """Make the next `count` requests of `kind` misbehave, after any faults already queued.
@@ -471,6 +497,8 @@ class FakeBFL:
                 return Response.json(429, {"detail": detail}, [("retry-after", "1")])
         task = self._create_task(model, spec, body, pools, cost)
         self.credits -= charge
+        if isinstance(body.get("webhook_url"), str):
+            self.webhooks.add(task, urls)
         polling_url = f"{urls.polling}/v1/get_result?id={task.id}"
         return Response.json(
             200,

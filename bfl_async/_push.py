@@ -1,0 +1,94 @@
+"""What the client needs to take task ends pushed by webhooks instead of polling for them."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import anyio
+
+from ._models import Task
+from ._polling import PollSchedule
+from .webhooks import WebhookEvent
+
+__all__ = ["EarlyEvents", "FirstNow", "Slowed", "poll_answer"]
+
+
+class Slowed:
+    """A PollSchedule `factor` times slower than `inner`: the safety net under webhooks.
+
+    With a webhook configured the push is what ends a watch; polls only make sure a lost
+    delivery never loses a result, so they can be rare.
+    """
+
+    def __init__(self, inner: PollSchedule, factor: float = 10.0) -> None:
+        self.inner = inner
+        self.factor = factor
+
+    def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
+        """The inner schedule's delay, times `factor`."""
+        return self.inner.next_delay(task, attempt, elapsed, progress) * self.factor
+
+    def done(self, task: Task, lower: float, upper: float | None) -> None:
+        """Passed on: a slow poll that found the task ready is still a valid observation."""
+        self.inner.done(task, lower, upper)
+
+
+class EarlyEvents:
+    """Terminal events for tasks the client does not know (yet), kept `ttl` seconds.
+
+    A webhook can overtake the submit's answer; the watch started from that answer picks
+    its event up here. At most `size` are kept (the oldest go first).
+    """
+
+    def __init__(self, ttl: float = 120.0, size: int = 4096) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._events: OrderedDict[str, tuple[float, WebhookEvent]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def add(self, event: WebhookEvent) -> bool:
+        """Keep `event`; False if one for its task is kept already (a duplicate)."""
+        self._expire()
+        if event.task_id in self._events:
+            return False
+        self._events[event.task_id] = (anyio.current_time() + self.ttl, event)
+        while len(self._events) > self.size:
+            self._events.popitem(last=False)
+        return True
+
+    def pop(self, task_id: str) -> WebhookEvent | None:
+        """The kept event of `task_id`, removed; None if there is none."""
+        self._expire()
+        kept = self._events.pop(task_id, None)
+        return kept[1] if kept is not None else None
+
+    def _expire(self) -> None:
+        now = anyio.current_time()
+        while self._events:
+            expires, _ = next(iter(self._events.values()))
+            if expires > now:
+                return
+            self._events.popitem(last=False)
+
+
+def poll_answer(event: WebhookEvent) -> dict[str, Any]:
+    """The event as the poll answer it stands for, so one code path reads both."""
+    return {"status": event.status, "result": event.result, "details": event.details}
+
+
+class FirstNow:
+    """`inner`, but the first poll goes at once: a push said the task ended."""
+
+    def __init__(self, inner: PollSchedule) -> None:
+        self.inner = inner
+
+    def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
+        """0 for the first poll, then the inner schedule's delay."""
+        return 0.0 if attempt == 0 else self.inner.next_delay(task, attempt, elapsed, progress)
+
+    def done(self, task: Task, lower: float, upper: float | None) -> None:
+        """Passed on to the inner schedule."""
+        self.inner.done(task, lower, upper)

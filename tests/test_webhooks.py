@@ -1,0 +1,601 @@
+"""Webhooks: verification, the client ending watches on pushed events, FakeBFL's deliveries."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import respx
+
+from bfl_async import (
+    AsyncBFL,
+    Backoff,
+    GenerationError,
+    ModerationError,
+    SubmissionUncertainError,
+    Task,
+    TaskNotFoundError,
+    WaitTimeoutError,
+    WebhookEvent,
+    WebhookPayloadError,
+    WebhookVerificationError,
+    sign_webhook,
+    verify_webhook,
+)
+from bfl_async._push import EarlyEvents, FirstNow, Slowed
+from bfl_async.testing import FakeBFL
+
+from .helpers import API, FAST, KEY, accepted, poll_answer, polling_url, ready, signed_url
+
+BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+SECRET = "whsec-0123456789-SECRET"
+HOOK = "https://app.example.com/bfl/webhook"
+
+
+def payload(task_id: str = "task-1", status: str = "SUCCESS", **extra: Any) -> bytes:
+    body: dict[str, Any] = {"task_id": task_id, "status": status, **extra}
+    if status in ("SUCCESS", "Ready") and "result" not in extra:
+        body["result"] = {"sample": signed_url(), "seed": 7, "prompt": "a fox"}
+    return json.dumps(body).encode()
+
+
+def event(task_id: str = "task-1", status: str = "SUCCESS", **extra: Any) -> WebhookEvent:
+    body = payload(task_id, status, **extra)
+    return verify_webhook(body, sign_webhook(body, SECRET), SECRET)
+
+
+# -- verify_webhook / sign_webhook ---------------------------------------------------------
+
+
+def test_hmac_signature_is_the_sha256_of_the_raw_body() -> None:
+    body = payload()
+    headers = sign_webhook(body, SECRET)
+    digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert headers == {"X-BFL-Signature": f"sha256={digest}"}
+    got = verify_webhook(body, headers, SECRET)
+    assert got.task_id == "task-1"
+    assert got.status == "Ready"
+    assert got.terminal
+    assert got.result is not None and got.result["seed"] == 7
+    assert got.raw == json.loads(body)
+
+
+def test_secret_echo_scheme() -> None:
+    body = payload(status="Ready")
+    headers = sign_webhook(body, SECRET, scheme="secret")
+    assert headers == {"X-Webhook-Secret": SECRET}
+    assert verify_webhook(body, headers, SECRET).status == "Ready"
+
+
+@pytest.mark.parametrize(
+    "header", ["x-bfl-signature", "X-BFL-SIGNATURE", "X-Bfl-Signature", "x-webhook-secret"]
+)
+def test_header_names_are_case_insensitive(header: str) -> None:
+    body = payload()
+    value = (
+        SECRET
+        if header == "x-webhook-secret"
+        else f"sha256={hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()}"
+    )
+    assert verify_webhook(body, {header: value}, SECRET).task_id == "task-1"
+    assert verify_webhook(body, httpx.Headers({header: value}), SECRET).task_id == "task-1"
+
+
+def test_signature_without_prefix_or_in_upper_case_is_accepted() -> None:
+    body = payload()
+    digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert verify_webhook(body, {"X-BFL-Signature": digest.upper()}, SECRET).task_id == "task-1"
+    assert verify_webhook(body, {"X-BFL-Signature": f" SHA256={digest} "}, SECRET)
+
+
+@pytest.mark.parametrize(
+    ("headers_of", "why"),
+    [
+        (lambda body: {}, "neither"),
+        (lambda body: {"content-type": "application/json"}, "neither"),
+        (lambda body: sign_webhook(body, "another-secret"), "does not match"),
+        (lambda body: sign_webhook(body + b" ", SECRET), "does not match"),
+        (lambda body: sign_webhook(body, "another-secret", scheme="secret"), "does not match"),
+        (lambda body: {"X-BFL-Signature": "sha256=zz\u00e9"}, "does not match"),
+        (lambda body: {"X-Webhook-Secret": SECRET[:-1]}, "does not match"),
+        (lambda body: {"X-Webhook-Secret": ""}, "does not match"),
+    ],
+)
+def test_forged_deliveries_are_refused(headers_of: Callable[[bytes], Any], why: str) -> None:
+    body = payload()
+    with pytest.raises(WebhookVerificationError, match=why) as caught:
+        verify_webhook(body, headers_of(body), SECRET)
+    assert SECRET not in str(caught.value) and SECRET not in repr(caught.value)
+
+
+def test_one_valid_scheme_is_enough() -> None:
+    body = payload()
+    headers = {"X-BFL-Signature": "sha256=00", **sign_webhook(body, SECRET, scheme="secret")}
+    assert verify_webhook(body, headers, SECRET).task_id == "task-1"
+
+
+def test_forged_and_malformed_is_a_verification_error() -> None:
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(b"not json", {"X-Webhook-Secret": "nope"}, SECRET)
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"not json", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"status": "SUCCESS"}', "no task_id"),
+        (b'{"task_id": 3, "status": "SUCCESS"}', "no task_id"),
+        (b'{"task_id": "", "status": "SUCCESS"}', "no task_id"),
+        (b'{"task_id": "t"}', "no status"),
+        (b'{"task_id": "t", "status": null}', "no status"),
+        (b'{"task_id": "t", "status": "SUCCESS", "result": "http://x"}', "malformed result"),
+    ],
+)
+def test_malformed_bodies_raise_a_typed_error(body: bytes, why: str) -> None:
+    with pytest.raises(WebhookPayloadError, match=why):
+        verify_webhook(body, sign_webhook(body, SECRET), SECRET)
+
+
+@pytest.mark.parametrize(
+    ("sent", "normalised", "terminal"),
+    [
+        ("SUCCESS", "Ready", True),
+        ("Ready", "Ready", True),
+        ("ready", "Ready", True),
+        ("Pending", "Pending", False),
+        ("PENDING", "Pending", False),
+        ("Request Moderated", "Request Moderated", True),
+        ("CONTENT_MODERATED", "Content Moderated", True),
+        ("Error", "Error", True),
+        ("FAILED", "Error", True),
+        ("Task not found", "Task not found", True),
+        ("TASK_NOT_FOUND", "Task not found", True),
+        ("Warming up", "Warming up", False),
+    ],
+)
+def test_statuses_are_normalised_to_the_poll_vocabulary(
+    sent: str, normalised: str, terminal: bool
+) -> None:
+    got = event(status=sent)
+    assert (got.status, got.terminal) == (normalised, terminal)
+
+
+def test_id_is_accepted_as_the_task_id() -> None:
+    body = b'{"id": "task-9", "status": "Error", "details": {"message": "boom"}}'
+    got = verify_webhook(body, sign_webhook(body, SECRET), SECRET)
+    assert (got.task_id, got.status, got.details) == ("task-9", "Error", {"message": "boom"})
+
+
+def test_secrets_and_schemes_are_checked() -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        verify_webhook(b"{}", {}, "")
+    with pytest.raises(ValueError, match="non-empty"):
+        sign_webhook(b"{}", "")
+    with pytest.raises(ValueError, match="unknown webhook scheme"):
+        sign_webhook(b"{}", SECRET, scheme="bearer")  # type: ignore[arg-type]
+
+
+# -- the pieces the client uses ------------------------------------------------------------
+
+
+def test_slowed_schedule_stretches_delays_and_passes_observations_on() -> None:
+    seen: list[tuple[float, float | None]] = []
+
+    class Recorder(Backoff):
+        def done(self, task: Task, lower: float, upper: float | None) -> None:
+            seen.append((lower, upper))
+
+    inner = Recorder(initial=0.5, factor=2.0, maximum=4.0, jitter=0.0)
+    task = Task(id="t", polling_url=polling_url("t"), model="flux-2-pro")
+    slowed = Slowed(inner)
+    assert [slowed.next_delay(task, n, 0.0, None) for n in range(5)] == [5, 10, 20, 40, 40]
+    slowed.done(task, 1.0, 2.0)
+    now = FirstNow(inner)
+    assert [now.next_delay(task, n, 0.0, None) for n in range(3)] == [0.0, 1.0, 2.0]
+    now.done(task, 3.0, None)
+    assert seen == [(1.0, 2.0), (3.0, None)]
+
+
+@pytest.mark.anyio
+async def test_early_events_are_kept_briefly_and_boundedly() -> None:
+    early = EarlyEvents(ttl=60.0, size=2)
+    assert early.add(event("a")) and early.add(event("b"))
+    assert not early.add(event("b"))
+    assert early.add(event("c"))
+    assert len(early) == 2
+    assert early.pop("a") is None
+    popped = early.pop("b")
+    assert popped is not None and popped.task_id == "b"
+    expired = EarlyEvents(ttl=-1.0)
+    expired.add(event("a"))
+    assert expired.pop("a") is None and len(expired) == 0
+
+
+# -- the client, against respx -------------------------------------------------------------
+
+
+@pytest.fixture
+def mock() -> AsyncIterator[respx.MockRouter]:
+    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+        yield router
+
+
+SLOW_POLLS = Backoff(initial=1.0, factor=1.0, maximum=1.0, jitter=0.0)
+"""Slowed 10 times by a webhook: a first poll after 10 s, far past any test's deadline."""
+
+
+def hooked(**kwargs: Any) -> AsyncBFL:
+    options = {
+        **FAST,
+        "poll_schedule": SLOW_POLLS,
+        "webhook_url": HOOK,
+        "webhook_secret": SECRET,
+        **kwargs,
+    }
+    return AsyncBFL(**options)
+
+
+def test_webhook_options_are_checked_and_the_secret_never_shows() -> None:
+    with pytest.raises(ValueError, match="together"):
+        AsyncBFL(api_key=KEY, webhook_url=HOOK)
+    with pytest.raises(ValueError, match="together"):
+        AsyncBFL(api_key=KEY, webhook_secret=SECRET)
+    with pytest.raises(ValueError, match="together"):
+        AsyncBFL(api_key=KEY, webhook_url=HOOK, webhook_secret="")
+    with pytest.raises(ValueError, match="absolute http"):
+        AsyncBFL(api_key=KEY, webhook_url="ftp://x.test/hook", webhook_secret=SECRET)
+    with pytest.raises(ValueError, match="absolute http"):
+        AsyncBFL(api_key=KEY, webhook_url="/bfl/webhook", webhook_secret=SECRET)
+    client = hooked()
+    assert client.webhook_url == HOOK
+    assert SECRET not in repr(client) and SECRET not in str(vars(client).get("webhook_url"))
+    assert AsyncBFL(api_key=KEY).webhook_url is None
+
+
+@pytest.mark.anyio
+async def test_submits_carry_the_clients_webhook_unless_the_call_has_its_own(
+    mock: respx.MockRouter,
+) -> None:
+    submit = mock.post(f"{API}/v1/flux-2-pro").mock(
+        side_effect=[accepted("t1"), accepted("t2"), accepted("t3")]
+    )
+    mock.get(polling_url("t1")).mock(return_value=poll_answer("Pending", "t1"))
+    mock.get(polling_url("t2")).mock(return_value=poll_answer("Pending", "t2"))
+    mock.get(polling_url("t3")).mock(return_value=poll_answer("Pending", "t3"))
+    async with hooked(close_grace=0.0) as client:
+        await client.submit("flux-2-pro", prompt="a fox")
+        await client.submit(
+            "flux-2-pro", prompt="a fox", webhook_url="https://other.test/h", webhook_secret="o"
+        )
+        await client.submit_raw("flux-2-pro", {"prompt": "a fox"})
+    bodies = [json.loads(call.request.content) for call in submit.calls]
+    assert [b["webhook_url"] for b in bodies] == [HOOK, "https://other.test/h", HOOK]
+    assert [b["webhook_secret"] for b in bodies] == [SECRET, "o", SECRET]
+
+
+@BOTH
+@pytest.mark.anyio
+async def test_a_delivered_event_ends_the_watch_at_once_and_frees_the_slot(
+    mock: respx.MockRouter,
+) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    poll = mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+    async with hooked() as client:
+        task = await client.submit("flux-2-pro", prompt="a fox")
+        assert client.limiter.in_use("standard") == 1
+        assert client.deliver(event()) is True
+        result = await client.wait(task, timeout=5.0)
+        assert client.limiter.in_use("standard") == 0
+        assert client.in_flight == []
+        assert client.deliver(event()) is False  # at-least-once: the copy changes nothing
+        assert (await client.wait(task)) is result
+    assert result.seed == 7 and result.polls == 0
+    assert result.sample.startswith("https://delivery-eu1.bfl.ai/")
+    assert poll.call_count == 0
+
+
+@BOTH
+@pytest.mark.anyio
+async def test_an_event_overtaking_the_submit_answer_is_kept(mock: respx.MockRouter) -> None:
+    async with hooked() as client:
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            assert client.deliver(event("task-1")) is True
+            assert client.deliver(event("task-1")) is False
+            return accepted("task-1")
+
+        mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=answer)
+        poll = mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+        task = await client.submit("flux-2-pro", prompt="a fox")
+        result = await client.wait(task, timeout=5.0)
+        assert poll.call_count == 0
+        assert result.seed == 7
+
+
+@BOTH
+@pytest.mark.anyio
+async def test_a_rebuilt_handle_picks_up_a_kept_event(mock: respx.MockRouter) -> None:
+    poll = mock.get(polling_url("task-9")).mock(return_value=poll_answer("Pending", "task-9"))
+    task = Task(id="task-9", polling_url=polling_url("task-9"), model="flux-2-pro")
+    async with hooked() as client:
+        client.deliver(event("task-9"))
+        result = await client.wait(task, timeout=5.0)
+    assert result.task.id == "task-9" and poll.call_count == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "extra", "error", "match"),
+    [
+        ("Content Moderated", {"details": {"Moderation Reasons": ["Nudity"]}}, ModerationError,
+         "Nudity"),
+        ("Request Moderated", {}, ModerationError, "moderated"),
+        ("FAILED", {"details": "out of memory"}, GenerationError, "out of memory"),
+        ("Task not found", {}, TaskNotFoundError, "does not know"),
+    ],
+)  # fmt: skip
+@pytest.mark.anyio
+async def test_a_pushed_failure_ends_the_wait_with_its_error(
+    mock: respx.MockRouter, status: str, extra: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+    async with hooked() as client:
+        task = await client.submit("flux-2-pro", prompt="a fox")
+        client.deliver(event(status=status, **extra))
+        with pytest.raises(error, match=match):
+            await client.wait(task, timeout=5.0)
+        assert client.limiter.in_use("standard") == 0
+
+
+@BOTH
+@pytest.mark.anyio
+async def test_a_pushed_ready_without_result_is_polled_at_once(mock: respx.MockRouter) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    poll = mock.get(polling_url("task-1")).mock(return_value=ready(seed=11))
+    async with hooked() as client:
+        task = await client.submit("flux-2-pro", prompt="a fox")
+        client.deliver(event(status="SUCCESS", result=None))
+        result = await client.wait(task, timeout=5.0)
+    assert result.seed == 11 and poll.call_count == 1
+
+
+@pytest.mark.anyio
+async def test_non_terminal_and_forged_deliveries_change_nothing(mock: respx.MockRouter) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+    async with hooked(close_grace=0.0) as client:
+        task = await client.submit("flux-2-pro", prompt="a fox")
+        assert client.deliver(event(status="Pending")) is False
+        body = payload()
+        with pytest.raises(WebhookVerificationError):
+            client.handle_webhook(body, sign_webhook(body, "guess"))
+        with pytest.raises(WebhookPayloadError):
+            client.handle_webhook(b"[]", sign_webhook(b"[]", SECRET))
+        with pytest.raises(WaitTimeoutError):
+            await client.wait(task, timeout=0.05)
+        assert client.in_flight == [task]
+        assert client.limiter.in_use("standard") == 1
+        got = client.handle_webhook(body, sign_webhook(body, SECRET, scheme="secret"))
+        assert got.task_id == "task-1"
+        assert (await client.wait(task, timeout=5.0)).seed == 7
+
+
+@pytest.mark.anyio
+async def test_handle_webhook_needs_a_secret() -> None:
+    async with AsyncBFL(**FAST) as client:
+        with pytest.raises(RuntimeError, match="no webhook secret"):
+            client.handle_webhook(payload(), sign_webhook(payload(), SECRET))
+        # A per-call webhook verified by the caller can still be handed over.
+        assert client.deliver(event("unknown")) is True
+
+
+@pytest.mark.anyio
+async def test_without_a_webhook_the_normal_schedule_polls(mock: respx.MockRouter) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    poll = mock.get(polling_url("task-1")).mock(return_value=ready())
+    async with AsyncBFL(**{**FAST, "poll_schedule": SLOW_POLLS}) as client:
+        task = await client.submit("flux-2-pro", prompt="a fox")
+        with anyio.fail_after(5):
+            await client.wait(task)
+    assert poll.call_count == 1
+
+
+# -- end to end: FakeBFL on loopback delivering to the client ------------------------------
+
+
+Receiver = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def receiver(client_box: list[AsyncBFL], log: list[bool], fail_first: int = 0) -> Receiver:
+    """A webhook endpoint as an httpx transport handler: verify, hand over, answer."""
+    failures = [fail_first]
+
+    async def receive(request: httpx.Request) -> httpx.Response:
+        if failures[0] > 0:
+            failures[0] -= 1
+            return httpx.Response(503)
+        body = await request.aread()
+        try:
+            event = verify_webhook(body, request.headers, SECRET)
+        except WebhookVerificationError:
+            return httpx.Response(401)
+        log.append(client_box[0].deliver(event))
+        return httpx.Response(204)
+
+    return receive
+
+
+def loopback_client(fake: FakeBFL, **kwargs: Any) -> AsyncBFL:
+    options: dict[str, Any] = {
+        "api_key": fake.api_key,
+        "base_url": fake.base_url,
+        "poll_schedule": SLOW_POLLS,
+        "retry_base_delay": 0.01,
+        "poll_rate": None,
+        "close_grace": 5.0,
+        "webhook_url": HOOK,
+        "webhook_secret": SECRET,
+        **kwargs,
+    }
+    return AsyncBFL(**options)
+
+
+@BOTH
+@pytest.mark.anyio
+@pytest.mark.parametrize("scheme", ["signature", "secret"])
+async def test_fake_webhooks_resolve_generate_without_polls(tmp_path: Path, scheme: Any) -> None:
+    box: list[AsyncBFL] = []
+    log: list[bool] = []
+    times = [0.02 * (i % 5) for i in range(12)]
+    fake = FakeBFL(
+        limits={"standard": 4},
+        generation_time=lambda model, rng: times.pop(),
+        webhook_scheme=scheme,
+        webhook_copies=2,
+        webhook_transport=httpx.MockTransport(receiver(box, log)),
+    )
+    async with fake, loopback_client(fake, limits={"standard": 4}) as client:
+        box.append(client)
+        with anyio.fail_after(5):
+            images = [
+                outcome.image
+                async for outcome in client.generate_many(
+                    [{"model": "flux-2-pro", "prompt": f"fox {i}"} for i in range(12)],
+                    output_dir=tmp_path,
+                )
+            ]
+    assert all(image is not None and image.path.exists() for image in images)
+    assert fake.polls == 0
+    assert fake.rate_limited == 0 and fake.peak_in_flight["standard"] <= 4
+    assert fake.webhooks.delivered == 24 and fake.webhooks.failed == 0
+    assert sorted(log) == [False] * 12 + [True] * 12
+
+
+@BOTH
+@pytest.mark.anyio
+async def test_a_lost_webhook_is_caught_by_slowed_polling(tmp_path: Path) -> None:
+    box: list[AsyncBFL] = []
+    log: list[bool] = []
+    fake = FakeBFL(
+        generation_time=0.0,
+        webhook_retries=1,
+        webhook_retry_delay=0.0,
+        webhook_transport=httpx.MockTransport(receiver(box, log, fail_first=2)),
+    )
+    fast = Backoff(initial=0.01, factor=1.0, maximum=0.01, jitter=0.0)  # slowed: 0.1 s
+    async with fake, loopback_client(fake, poll_schedule=fast) as client:
+        box.append(client)
+        with anyio.fail_after(5):
+            image = await client.generate("flux-2-pro", prompt="a fox", output_dir=tmp_path)
+    assert image.path.exists()
+    assert fake.webhooks.attempts == 2 and fake.webhooks.failed == 1
+    assert log == [] and fake.polls >= 1
+
+
+@pytest.mark.anyio
+async def test_fake_retries_failed_deliveries_and_finish_now_sends_at_once() -> None:
+    box: list[AsyncBFL] = []
+    log: list[bool] = []
+    fake = FakeBFL(
+        generation_time=3600.0,
+        webhook_retry_delay=0.001,
+        webhook_transport=httpx.MockTransport(receiver(box, log, fail_first=2)),
+    )
+    async with fake, loopback_client(fake) as client:
+        box.append(client)
+        task = await client.submit("flux-2-pro", prompt="a fox")
+        await anyio.sleep(0.05)
+        assert fake.webhooks.attempts == 0
+        fake.finish_now(task.id)
+        with anyio.fail_after(5):
+            await client.wait(task)
+    assert (fake.webhooks.attempts, fake.webhooks.delivered, fake.webhooks.failed) == (3, 1, 0)
+    assert [task_id for task_id, _ in fake.webhooks.sent] == [task.id]
+    assert log == [True] and fake.polls == 0
+
+
+@pytest.mark.anyio
+async def test_fake_delivers_failures_and_unsigned_hooks_as_sent() -> None:
+    received: list[httpx.Request] = []
+
+    async def record(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        received.append(request)
+        return httpx.Response(200)
+
+    fake = FakeBFL(
+        generation_time=0.0,
+        outcome=lambda model, body: "Content Moderated" if body["prompt"] == "bad" else "Ready",
+        webhook_transport=httpx.MockTransport(record),
+    )
+    async with fake, httpx.AsyncClient() as http:
+        delivery = fake.delivery_base_url
+        for prompt, extra in (("bad", {"webhook_secret": SECRET}), ("good", {})):
+            answer = await http.post(
+                f"{fake.base_url}/v1/flux-2-pro",
+                json={"prompt": prompt, "webhook_url": "http://hook.test/x", **extra},
+                headers={"x-key": fake.api_key},
+            )
+            assert answer.status_code == 200
+        with anyio.fail_after(5):
+            while len(received) < 2:
+                await anyio.sleep(0.005)
+    by_prompt = {fake.tasks[json.loads(r.content)["task_id"]].body["prompt"]: r for r in received}
+    moderated = verify_webhook(by_prompt["bad"].content, by_prompt["bad"].headers, SECRET)
+    assert moderated.status == "Content Moderated"
+    assert moderated.details == {"Moderation Reasons": ["Explicit Content"]}
+    unsigned = by_prompt["good"]
+    assert "x-bfl-signature" not in unsigned.headers and "x-webhook-secret" not in unsigned.headers
+    body = json.loads(unsigned.content)
+    assert body["status"] == "SUCCESS"
+    assert body["result"]["sample"].startswith(delivery)
+
+
+def test_fake_webhook_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown webhook scheme"):
+        FakeBFL(webhook_scheme="bearer")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="copies"):
+        FakeBFL(webhook_copies=0)
+    with pytest.raises(ValueError, match="retries"):
+        FakeBFL(webhook_retries=-1)
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_webhook_url_gives_up_and_polling_still_finishes() -> None:
+    fake = FakeBFL(generation_time=0.0, webhook_retries=2, webhook_retry_delay=0.001)
+    fast = Backoff(initial=0.01, factor=1.0, maximum=0.01, jitter=0.0)
+    # Port 1 on loopback: nothing listens there, so every attempt is refused.
+    async with (
+        fake,
+        loopback_client(fake, poll_schedule=fast, webhook_url="http://127.0.0.1:1/hook") as client,
+    ):
+        with anyio.fail_after(5):
+            result = await client.wait(await client.submit("flux-2-pro", prompt="a fox"))
+            while fake.webhooks.failed < 1:
+                await anyio.sleep(0.005)
+    assert result.polls >= 1
+    assert (fake.webhooks.attempts, fake.webhooks.delivered) == (3, 0)
+
+
+@pytest.mark.anyio
+async def test_the_clients_webhook_secret_is_redacted_from_errors(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="bfl_async")
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=httpx.ReadTimeout("slow"))
+    async with hooked() as client:
+        with pytest.raises(SubmissionUncertainError) as caught:
+            await client.submit("flux-2-pro", prompt="a fox")
+    error = caught.value
+    assert error.params["webhook_url"] == HOOK and error.params["webhook_secret"] == "***"
+    for text in (str(error), repr(error), repr(error.params), caplog.text):
+        assert SECRET not in text
