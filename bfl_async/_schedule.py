@@ -42,11 +42,13 @@ def _lognormal_cdf(median: float, sigma: float) -> Callable[[float], float]:
 
 
 class _Policy:
-    """Where to poll next from any moment, for one estimate of the completion-time CDF.
+    """When to poll, for one estimate of the completion-time CDF.
 
     Time is cut into `_GRID` steps up to a horizon. For the cost "expected detection delay
     plus `price` per poll", `after[i]` is the best next poll after a poll at step i that
-    still found the task pending (dynamic programming over the grid, from the horizon back).
+    still found the task pending (dynamic programming over the grid, from the horizon back);
+    `times` follows it from acceptance. A task polls at those times, whether or not the poll
+    budget moved its last poll: the plan stays where completions are likely.
     """
 
     def __init__(self, step: float, after: list[int]) -> None:
@@ -239,7 +241,8 @@ class LearnedSchedule:
     last `window` tasks: each one finished between the last poll that found it pending and
     the poll that found it ready. The poll times minimise the expected delay between a task
     finishing and the client seeing it, for `polls_per_task` polls per task on average
-    (raise it for earlier detection; the client's `poll_rate` budget still caps the total).
+    (raise it for earlier detection; the client's `poll_rate` budget still caps the total,
+    and when it moves polls later, more are planned so that about as many are made).
     When the API reports progress (FLUX.1 models), the finish is extrapolated from it.
     """
 
