@@ -17,11 +17,11 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import anyio.to_thread
@@ -89,6 +89,7 @@ class JobRecord:
     cost: float | None = None
     """Credits BFL charged (its submit answer; the estimate when it reports none)."""
     path: Path | None = None
+    seed: int | None = None
     error: str | None = None
     """`ErrorType: message` when the job failed, or a resumable step went wrong."""
     exception: BaseException | None = field(default=None, compare=False, repr=False)
@@ -118,6 +119,7 @@ class JobRecord:
             "estimate": self.estimate,
             "cost": self.cost,
             "path": None if self.path is None else str(self.path),
+            "seed": self.seed,
             "error_type": self.error_type,
             "error": self.error,
         }
@@ -164,6 +166,10 @@ class Batch:
     earlier run come first). `stop()` stops new submits; leaving the block writes
     `manifest.json` next to the images.
     """
+
+    journal_name: ClassVar[str] = JOURNAL_NAME
+    """The journal's file name in the output directory."""
+    manifest_name: ClassVar[str] = MANIFEST_NAME
 
     def __init__(
         self,
@@ -341,6 +347,7 @@ class Batch:
             task=task,
             cost=row.cost,
             path=Path(row.path) if row.path else None,
+            seed=int(row.seed) if row.seed else None,
             error=row.error,
             previous=True,
         )
@@ -372,7 +379,7 @@ class Batch:
 
     # --- running ----------------------------------------------------------------------
 
-    def __aiter__(self) -> AsyncIterator[JobRecord]:
+    def __aiter__(self) -> AsyncGenerator[JobRecord, None]:
         return self._run()
 
     async def _run(self) -> AsyncGenerator[JobRecord, None]:
@@ -420,11 +427,15 @@ class Batch:
         assert self._journal is not None
         exception = values.pop("exception", None)
         previous = values.pop("previous", False)
-        journal = {k: v for k, v in values.items() if k != "path"}
+        journal = {k: v for k, v in values.items() if k not in ("path", "seed")}
         if "path" in values:
             journal["path"] = str(values["path"])
+        if values.get("seed") is not None:
+            journal["seed"] = str(values["seed"])
         await self._journal.update(job.key, state=state, **journal)
-        record_values = {k: v for k, v in values.items() if k in ("cost", "path", "error")}
+        record_values = {
+            k: v for k, v in values.items() if k in ("cost", "path", "seed", "error")
+        }
         job.record = replace(
             job.record, state=state, exception=exception, previous=previous, **record_values
         )
@@ -541,7 +552,7 @@ class Batch:
                     await self._end(job, send, "submitted", error=_describe(exc), exception=exc)
                     return
                 with anyio.CancelScope(shield=True):
-                    await self._set(job, "ready", sample=result.sample)
+                    await self._set(job, "ready", sample=result.sample, seed=result.seed)
                 await self._download(job, result, send)
         finally:
             self._follow_scopes.discard(scope)

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     task TEXT,
     cost REAL,
     sample TEXT,
+    seed TEXT,
     path TEXT,
     error_type TEXT,
     error TEXT,
@@ -77,6 +78,8 @@ class JobRow:
     """The Task handle as JSON, once BFL accepted the submit."""
     cost: float | None = None
     sample: str | None = None
+    seed: str | None = None
+    """The image's seed, as text: seeds may not fit SQLite's integers."""
     path: str | None = None
     error_type: str | None = None
     error: str | None = None

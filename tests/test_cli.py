@@ -210,7 +210,8 @@ def test_batch_on_the_fake_saves_one_image_per_job_and_a_manifest(tmp_path: Path
     assert rows[1]["name"] is None and rows[1]["path"] == str(out / f"{rows[1]['task_id']}.png")
     assert rows[1]["seed"] == 7
     assert [row["cost"] for row in rows] == [3.0, 1.4, 4.0]
-    assert sorted(p.name for p in out.iterdir() if p.name != "results.jsonl") == sorted(
+    bookkeeping = {"results.jsonl", "manifest.json", "bfl-batch.sqlite"}
+    assert sorted(p.name for p in out.iterdir() if p.name not in bookkeeping) == sorted(
         Path(row["path"]).name for row in rows
     )
     assert "summary: 3 jobs, 3 ok, 0 failed; 8.4 credits ($0.084)" in result.stdout
@@ -554,7 +555,8 @@ def test_without_a_terminal_progress_is_plain_lines(tmp_path: Path) -> None:
     assert lines[0].startswith(f"batch: 6 jobs from {jobs}")
     progress = [line for line in lines if re.match(r"\[[1-6]/6\] ok +line [1-6] -> ", line)]
     assert [line[:5] for line in progress] == [f"[{n}/6]" for n in range(1, 7)]
-    assert lines[-2].startswith("summary: 6 jobs, 6 ok, 0 failed; 8.4 credits ($0.084)")
+    assert lines[-3].startswith("summary: 6 jobs, 6 ok, 0 failed; 8.4 credits ($0.084)")
+    assert lines[-2] == "spend: estimated 8.4 credits ($0.084), charged 8.4 credits ($0.084)"
     assert lines[-1] == f"manifest: {tmp_path / 'out' / 'results.jsonl'}"
 
 

@@ -1,24 +1,48 @@
-"""Running a job file through `AsyncBFL.generate_many`: counters, results and the manifest."""
+"""Running a job file through `AsyncBFL.batch`: signals, counters, results and the manifest."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import anyio
 
-from bfl_async import AsyncBFL, Outcome, ParameterError, Task, TaskError
+from bfl_async import AsyncBFL, Batch, JobRecord, ParameterError, Task
 
 from ._jobs import Job, describe_parameter_error
 
-__all__ = ["MANIFEST", "BatchStats", "Display", "JobResult", "one_line", "run_batch"]
+__all__ = [
+    "MANIFEST",
+    "BatchStats",
+    "Display",
+    "JobResult",
+    "one_line",
+    "parse_budget",
+    "run_batch",
+]
 
 MANIFEST = "results.jsonl"
+
+Status = Literal["ok", "failed", "uncertain", "skipped", "expired", "pending"]
+
+
+def parse_budget(text: str) -> float:
+    """A budget in credits from `500` (credits) or `$12.50` (US dollars: 1 credit = 1 cent)."""
+    raw = text.strip().replace(",", "")
+    dollars = raw.startswith("$")
+    try:
+        value = float(raw.removeprefix("$").strip())
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{text!r} is not a budget: give credits (500) or dollars ($12.50)")
+    return round(value * 100, 4) if dollars else value
 
 
 def one_line(error: BaseException) -> str:
@@ -33,7 +57,7 @@ class JobResult:
     """How one job ended: a line of the manifest."""
 
     job: Job
-    status: Literal["ok", "failed"]
+    status: Status
     task_id: str | None = None
     path: Path | None = None
     seed: int | None = None
@@ -42,18 +66,22 @@ class JobResult:
     error: str | None = None
 
     @classmethod
-    def from_outcome(cls, job: Job, outcome: Outcome) -> JobResult:
-        """The result of `job` from the Outcome that generate_many yielded for it."""
-        if outcome.image is not None:
-            image = outcome.image
-            cost = image.cost if image.cost is not None else job.estimate
-            return cls(job, "ok", image.task_id, image.path, image.seed, cost)
-        error = outcome.error or RuntimeError("no image and no error")
-        task: Task | None = error.task if isinstance(error, TaskError) else None
-        if task is None:
-            return cls(job, "failed", error=one_line(error))
-        cost = task.cost if task.cost is not None else job.estimate
-        return cls(job, "failed", task.id, cost=cost, error=one_line(error))
+    def from_record(cls, job: Job, record: JobRecord) -> JobResult:
+        """The result of `job` from the record the batch yielded for it."""
+        task: Task | None = record.task
+        cost = record.cost if record.cost is not None or task is None else job.estimate
+        task_id = None if task is None else task.id
+        if record.ok:
+            return cls(job, "ok", task_id, record.path, record.seed, cost)
+        status: Status
+        if record.state in ("failed", "uncertain", "skipped", "expired"):
+            status = record.state
+        else:  # queued, submitted or ready: the batch stopped before it ended
+            status = "pending"
+        error = record.error or f"not finished ({record.state}); run the batch again to resume"
+        if record.exception is not None:
+            error = one_line(record.exception)
+        return cls(job, status, task_id, cost=cost, error=error)
 
     @property
     def ok(self) -> bool:
@@ -85,10 +113,17 @@ class BatchStats:
     """Tasks BFL has accepted so far."""
     ok: int = 0
     failed: int = 0
+    """Jobs that ended without an image (failed, uncertain, skipped, expired, pending)."""
     failed_unsent: int = 0
     """Failed jobs that never became a task (refused by the API, or not sent at all)."""
     credits: float = 0.0
     """Credits spent on the images saved."""
+    estimated: float = 0.0
+    """The catalog's price of the whole batch."""
+    spent: float = 0.0
+    """Credits BFL charged for the batch's tasks, in every run (images or not)."""
+    statuses: dict[str, int] = field(default_factory=dict)
+    """How many jobs ended in each status."""
     started: float = field(default_factory=time.monotonic)
     stopped: float | None = None
     """When the last job ended: the clock stops there."""
@@ -134,6 +169,7 @@ class BatchStats:
     def record(self, result: JobResult) -> None:
         """Count a job that ended."""
         self.results.append(result)
+        self.statuses[result.status] = self.statuses.get(result.status, 0) + 1
         if result.ok:
             self.ok += 1
             self.credits += result.cost or 0.0
@@ -161,18 +197,50 @@ async def run_batch(
     display: Display,
     *,
     overwrite: bool = False,
-) -> None:
-    """Generate every job into `output_dir`, writing results.jsonl as the jobs end."""
+    max_cost: float | None = None,
+    resubmit_uncertain: bool = False,
+    grace: float = 30.0,
+    on_signal: Callable[[int, Batch], None] | None = None,
+) -> Batch:
+    """Run every job into `output_dir`, writing results.jsonl as the jobs end.
+
+    SIGINT or SIGTERM stops new submits at once and keeps watching what is in flight for
+    `grace` seconds (a second signal ends that); the journal keeps the rest for the next run.
+    """
     stats.started = time.monotonic()
     requests = [job.request() for job in jobs]
-    outcomes = client.generate_many(requests, output_dir=output_dir, overwrite=overwrite)
+    batch = client.batch(
+        requests,
+        output_dir,
+        max_cost=max_cost,
+        resubmit_uncertain=resubmit_uncertain,
+        overwrite=overwrite,
+    )
     async with (
+        batch,
         await anyio.open_file(output_dir / MANIFEST, "w", encoding="utf-8") as manifest,
-        contextlib.aclosing(outcomes),
+        anyio.create_task_group() as tg,
     ):
-        async for outcome in outcomes:
-            result = JobResult.from_outcome(jobs[outcome.index], outcome)
-            stats.record(result)
-            await manifest.write(result.manifest_line() + "\n")
-            await manifest.flush()
-            display.job_finished(result)
+        stats.estimated = batch.estimated
+        tg.start_soon(_stop_on_signals, batch, grace, on_signal)
+        async with contextlib.aclosing(batch.__aiter__()) as records:
+            async for record in records:
+                result = JobResult.from_record(jobs[record.index], record)
+                stats.record(result)
+                stats.spent = batch.spent
+                await manifest.write(result.manifest_line() + "\n")
+                await manifest.flush()
+                display.job_finished(result)
+        stats.spent = batch.spent
+        tg.cancel_scope.cancel()
+    return batch
+
+
+async def _stop_on_signals(
+    batch: Batch, grace: float, on_signal: Callable[[int, Batch], None] | None
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            batch.stop(grace=0 if batch.stopping else grace)
+            if on_signal is not None:
+                on_signal(signum, batch)
