@@ -150,6 +150,8 @@ class _Job:
     reserved: bool = False
     sample: str | None = None
     """The signed result URL an earlier run saw, for a job found `ready`."""
+    was_ready: bool = False
+    """An earlier run began downloading it: a file of its name there is its own image."""
     scope: anyio.CancelScope | None = None
 
 
@@ -371,6 +373,7 @@ class Batch:
         elif state == "submitted" and task is not None:
             self._to_attach.append(job)
         elif state == "ready" and task is not None:
+            job.was_ready = True
             self._to_download.append(job)
         elif (state == "failed" and task is None) or state in ("queued", "skipped"):
             self._to_submit.append(job)  # nothing was paid: try again
@@ -587,7 +590,7 @@ class Batch:
         try:
             path = await self._client.download(
                 result, self.output_dir, name=self._file_name(job, result.task),
-                overwrite=self._overwrite,
+                overwrite=self._overwrite or job.was_ready,
             )  # fmt: skip
         except ResultExpiredError as exc:
             await self._end(job, send, "expired", error=_describe(exc), exception=exc)

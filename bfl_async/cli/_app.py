@@ -375,6 +375,14 @@ def batch(
     except KeyboardInterrupt:
         signals.append(2)
     print_summary(console, stats, output_dir / MANIFEST)
+    uncertain = stats.statuses.get("uncertain", 0)
+    if uncertain:
+        console.print(
+            f"{uncertain} job(s) are uncertain: the batch stopped while their submit was on "
+            "its way, so BFL may have created (and charged for) their tasks. Check your "
+            "dashboard; to submit them again, rerun with --resubmit-uncertain",
+            soft_wrap=True,
+        )
     if signals:
         raise _fail(
             f"interrupted after {stats.ok} of {stats.total} images; every paid task is "
