@@ -206,10 +206,8 @@ class Batch:
         self._stopping = False
         self._deadline = math.inf
         self._started = False
-        self.spent = 0.0
-        """Credits BFL charged for this batch's tasks, over every run."""
-        self.at_risk = 0.0
-        """Estimated credits of `uncertain` jobs: they may or may not have been charged."""
+        self._spent = 0.0
+        self._at_risk = 0.0
         self._reserved = 0.0
 
     def __repr__(self) -> str:
@@ -226,6 +224,16 @@ class Batch:
     def estimated(self) -> float:
         """The catalog's price of every valid job, in credits."""
         return round(sum(r.estimate for r in self._records), 4)
+
+    @property
+    def spent(self) -> float:
+        """Credits BFL charged for this batch's tasks, over every run."""
+        return round(self._spent, 4)
+
+    @property
+    def at_risk(self) -> float:
+        """Estimated credits of `uncertain` jobs: they may or may not have been charged."""
+        return round(self._at_risk, 4)
 
     @property
     def stopping(self) -> bool:
@@ -342,7 +350,7 @@ class Batch:
         """Decide what a job the journal knows needs now."""
         task = Task.model_validate_json(row.task) if row.task else None
         if task is not None:
-            self.spent += row.cost if row.cost is not None else job.estimate
+            self._spent += row.cost if row.cost is not None else job.estimate
         record = replace(
             job.record,
             state=row.state,
@@ -363,7 +371,7 @@ class Batch:
                 logger.warning("resubmitting job %s, whose earlier submit is uncertain", job.key)
                 self._to_submit.append(job)
                 return
-            self.at_risk += job.estimate
+            self._at_risk += job.estimate
             await self._set(job, "uncertain", previous=True, error=row.error or (
                 "SubmissionUncertainError: the batch stopped while this job's submit was on "
                 "its way; BFL may or may not have created (and charged for) a task. Check "
@@ -473,7 +481,7 @@ class Batch:
                 pass
             except SubmissionUncertainError as exc:
                 self._unreserve(job)
-                self.at_risk += job.estimate
+                self._at_risk += job.estimate
                 failure = ("uncertain", exc)
             except BudgetExceededError as exc:
                 failure = ("skipped", exc)
@@ -485,8 +493,7 @@ class Batch:
             await self._end(job, send, state, error=_describe(error), exception=error)
         elif watch is None:  # stopped before it was sent
             self._unreserve(job)
-            with anyio.CancelScope(shield=True):
-                await self._set(job, "queued")
+            await self._end(job, send, "queued")
         else:
             await self._follow(job, watch, send)
 
@@ -503,7 +510,7 @@ class Batch:
         if self._stopping:
             raise _Stopped
         if not job.reserved:
-            committed = self.spent + self.at_risk + self._reserved
+            committed = self._spent + self._at_risk + self._reserved
             if self.max_cost is not None and committed + job.estimate > self.max_cost + 1e-9:
                 raise BudgetExceededError(
                     f"job {job.key} ({job.estimate:g} credits) was not submitted: with "
@@ -528,7 +535,7 @@ class Batch:
         """BFL accepted the submit: journal the paid handle before anything else."""
         self._unreserve(job)
         cost = task.cost if task.cost is not None else job.estimate
-        self.spent += cost
+        self._spent += cost
         job.record = replace(job.record, task=task)
         await self._set(job, "submitted", task=task.model_dump_json(), cost=cost, error=None)
 
@@ -621,8 +628,8 @@ class Batch:
                 "jobs": len(self._records),
                 "states": self.counts(),
                 "estimated_credits": self.estimated,
-                "spent_credits": round(self.spent, 4),
-                "uncertain_credits": round(self.at_risk, 4),
+                "spent_credits": self.spent,
+                "uncertain_credits": self.at_risk,
                 "max_cost": self.max_cost,
             },
             "jobs": [record.manifest_entry() for record in self._records],
