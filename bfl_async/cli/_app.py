@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -425,7 +426,19 @@ def _price(spec: ModelSpec) -> str:
 
 
 @app.command()
-def estimate(jobs_file: JobsFile) -> None:
+def estimate(
+    jobs_file: JobsFile,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir",
+            "-o",
+            file_okay=False,
+            show_default=False,
+            help="A batch's output dir: also show what its runs so far were charged.",
+        ),
+    ] = None,
+) -> None:
     """Estimate what a job file will cost, per model and in total, before running it."""
     jobs = _load_jobs(jobs_file)
     count: defaultdict[str, int] = defaultdict(int)
@@ -444,11 +457,26 @@ def estimate(jobs_file: JobsFile) -> None:
     console = _stdout()
     console.print(table)
     console.print(f"total: {credits_text(total)}", soft_wrap=True)
+    if output_dir is not None:
+        console.print(_charged_so_far(output_dir / Batch.manifest_name), soft_wrap=True)
     console.print(
         "1 credit = 1 US cent. FLUX.2 counts each reference image as 1 MP; "
         "BFL bills what each submit reports.",
         soft_wrap=True,
     )
+
+
+def _charged_so_far(manifest: Path) -> str:
+    """`charged so far: …` from a batch's manifest, or why there is nothing to show."""
+    try:
+        summary = json.loads(manifest.read_text(encoding="utf-8"))["summary"]
+        spent = float(summary["spent_credits"])
+        done = int(summary["states"].get("downloaded", 0))
+    except FileNotFoundError:
+        return f"charged so far: nothing ({manifest} does not exist yet)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"charged so far: unknown ({manifest} is not a batch manifest)"
+    return f"charged so far: {credits_text(spent)} ({done} images saved; from {manifest})"
 
 
 @app.command()

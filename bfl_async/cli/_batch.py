@@ -6,7 +6,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -216,31 +216,35 @@ async def run_batch(
         resubmit_uncertain=resubmit_uncertain,
         overwrite=overwrite,
     )
-    async with (
-        batch,
-        await anyio.open_file(output_dir / MANIFEST, "w", encoding="utf-8") as manifest,
-        anyio.create_task_group() as tg,
-    ):
-        stats.estimated = batch.estimated
-        tg.start_soon(_stop_on_signals, batch, grace, on_signal)
-        async with contextlib.aclosing(batch.__aiter__()) as records:
-            async for record in records:
-                result = JobResult.from_record(jobs[record.index], record)
-                stats.record(result)
-                stats.spent = batch.spent
-                await manifest.write(result.manifest_line() + "\n")
-                await manifest.flush()
-                display.job_finished(result)
-        stats.spent = batch.spent
-        tg.cancel_scope.cancel()
+    # Listening before anything is sent: a signal is never the default KeyboardInterrupt.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with (
+            batch,
+            await anyio.open_file(output_dir / MANIFEST, "w", encoding="utf-8") as manifest,
+            anyio.create_task_group() as tg,
+        ):
+            stats.estimated = batch.estimated
+            tg.start_soon(_stop_on_signals, batch, signals, grace, on_signal)
+            async with contextlib.aclosing(batch.__aiter__()) as records:
+                async for record in records:
+                    result = JobResult.from_record(jobs[record.index], record)
+                    stats.record(result)
+                    stats.spent = batch.spent
+                    await manifest.write(result.manifest_line() + "\n")
+                    await manifest.flush()
+                    display.job_finished(result)
+            stats.spent = batch.spent
+            tg.cancel_scope.cancel()
     return batch
 
 
 async def _stop_on_signals(
-    batch: Batch, grace: float, on_signal: Callable[[int, Batch], None] | None
+    batch: Batch,
+    signals: AsyncIterator[int],
+    grace: float,
+    on_signal: Callable[[int, Batch], None] | None,
 ) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            batch.stop(grace=0 if batch.stopping else grace)
-            if on_signal is not None:
-                on_signal(signum, batch)
+    async for signum in signals:
+        batch.stop(grace=0 if batch.stopping else grace)
+        if on_signal is not None:
+            on_signal(signum, batch)
