@@ -83,11 +83,18 @@ def rerun(fake: FakeBFL, jobs: Path, out: Path, *extra: str) -> subprocess.Compl
     return done
 
 
-def wait_until(condition: Any, process: subprocess.Popen[bytes]) -> None:
+def wait_until(
+    condition: Any, process: subprocess.Popen[bytes], fake: FakeBFL | None = None
+) -> None:
     """Until `condition()` holds (checked every 2 ms) or the process has ended."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not condition() and process.poll() is None:
-        assert time.monotonic() < deadline, "the batch made no progress"
+        if time.monotonic() > deadline:
+            counters = "" if fake is None else (
+                f" (submits {fake.submits}, polls {fake.polls}, downloads {fake.downloads}, "
+                f"held {fake.held})"
+            )  # fmt: skip
+            raise AssertionError(f"the batch made no progress{counters}")
         time.sleep(0.002)
 
 
@@ -143,10 +150,10 @@ def test_a_batch_killed_at_a_random_point_resumes_without_paying_twice(
                 return "Ready"
 
             fake.outcome = kill_inside
-            wait_until(lambda: False, process)
+            wait_until(lambda: False, process, fake)
         else:
             counter = {"poll": lambda: fake.polls, "download": lambda: fake.downloads}[phase]
-            wait_until(lambda: counter() >= point, process)
+            wait_until(lambda: counter() >= point, process, fake)
             process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL, f"not killed at {phase} {point}"
     finally:
@@ -181,7 +188,7 @@ def test_a_batch_killed_inside_the_submit_window_reports_that_job_uncertain(
         stderr=subprocess.DEVNULL, env=environment(),
     )  # fmt: skip
     try:
-        wait_until(lambda: fake.held == 1, process)
+        wait_until(lambda: fake.held == 1, process, fake)
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL
     finally:
