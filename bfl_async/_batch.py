@@ -206,6 +206,7 @@ class Batch:
         self._stopping = False
         self._deadline = math.inf
         self._started = False
+        self._finished: anyio.Event | None = None
         self._spent = 0.0
         self._at_risk = 0.0
         self._reserved = 0.0
@@ -266,6 +267,11 @@ class Batch:
         tb: TracebackType | None,
     ) -> None:
         with anyio.CancelScope(shield=True):
+            if self._finished is not None and not self._finished.is_set():
+                # Left while jobs still run (an error in the loop's body): end them first,
+                # so every step they are taking is journaled before the journal closes.
+                self.stop(grace=0)
+                await self._finished.wait()
             await self.write_manifest()
             assert self._journal is not None
             await self._journal.aclose()
@@ -403,7 +409,7 @@ class Batch:
         send, receive = anyio.create_memory_object_stream[JobRecord](max_buffer_size=math.inf)
         for record in self._finished_early:
             send.send_nowait(record)
-        finished = anyio.Event()
+        finished = self._finished = anyio.Event()
 
         async def run_all() -> None:
             try:

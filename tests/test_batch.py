@@ -302,3 +302,24 @@ async def test_misuse_is_explained(tmp_path: Path) -> None:
             with pytest.raises(RuntimeError, match="runs once"):
                 async for _ in batch:
                     pass
+
+
+async def test_an_error_in_the_loop_body_stops_the_batch_and_keeps_the_journal(
+    never_fake: FakeBFL, tmp_path: Path
+) -> None:
+    fake = never_fake
+    fake.fail_next("submit", "500")  # the first job ends at once: uncertain
+    async with client_for(fake) as client:
+        with pytest.raises(RuntimeError, match="boom"):
+            async with client.batch(jobs(6), tmp_path) as batch:
+                async for _ in batch:
+                    raise RuntimeError("boom")
+    assert batch.counts() == {"uncertain": 1, "submitted": 4, "queued": 1}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["summary"]["states"] == batch.counts()
+    # The journal agrees: the next run attaches the 4 paid tasks and submits the last one.
+    fake.finish_now()
+    fake.generation_time = 0.01
+    again = await run(fake, tmp_path, jobs(6))
+    assert again.counts() == {"uncertain": 1, "downloaded": 5}
+    assert fake.submits == 5 and fake.duplicate_submits == 0
