@@ -323,3 +323,17 @@ async def test_an_error_in_the_loop_body_stops_the_batch_and_keeps_the_journal(
     again = await run(fake, tmp_path, jobs(6))
     assert again.counts() == {"uncertain": 1, "downloaded": 5}
     assert fake.submits == 5 and fake.duplicate_submits == 0
+
+
+async def test_an_existing_image_is_not_paid_for_again_and_timeouts_keep_tasks(
+    never_fake: FakeBFL, tmp_path: Path
+) -> None:
+    fake = never_fake
+    (tmp_path / "taken.jpg").write_bytes(b"mine")
+    job_list = [{"model": "flux-2-klein-4b", "prompt": "x", "name": "taken"}, *jobs(1)]
+    batch = await run(fake, tmp_path, job_list, timeout=0.05)
+    first, second = batch.records
+    assert first.state == "failed" and first.error_type == "OutputExistsError"
+    assert (tmp_path / "taken.jpg").read_bytes() == b"mine"
+    assert second.state == "submitted" and second.error_type == "WaitTimeoutError"
+    assert fake.submits == 1
