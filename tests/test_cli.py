@@ -707,6 +707,7 @@ def test_a_rerun_finds_named_images_it_saved_itself(tmp_path: Path) -> None:
     result = bfl("batch", jobs, "-o", tmp_path / "out", "--fake")
     assert result.exit_code == 0, result.output
     assert manifest(tmp_path / "out")[0]["status"] == "ok"
+    assert ", 0 images/min" in result.stdout  # nothing new was made by this run
 
 
 @pytest.mark.parametrize("signals", [1, 2], ids=["grace", "second-signal"])

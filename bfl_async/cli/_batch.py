@@ -64,6 +64,8 @@ class JobResult:
     cost: float | None = None
     """Credits: what BFL reported at submit, else (FLUX.1 reports none) the catalog price."""
     error: str | None = None
+    previous: bool = False
+    """The job had ended in an earlier run of the batch."""
 
     @classmethod
     def from_record(cls, job: Job, record: JobRecord) -> JobResult:
@@ -72,7 +74,7 @@ class JobResult:
         cost = record.cost if record.cost is not None or task is None else job.estimate
         task_id = None if task is None else task.id
         if record.ok:
-            return cls(job, "ok", task_id, record.path, record.seed, cost)
+            return cls(job, "ok", task_id, record.path, record.seed, cost, None, record.previous)
         status: Status
         if record.state in ("failed", "uncertain", "skipped", "expired"):
             status = record.state
@@ -81,7 +83,7 @@ class JobResult:
         error = record.error or f"not finished ({record.state}); run the batch again to resume"
         if record.exception is not None:
             error = one_line(record.exception)
-        return cls(job, status, task_id, cost=cost, error=error)
+        return cls(job, status, task_id, cost=cost, error=error, previous=record.previous)
 
     @property
     def ok(self) -> bool:
@@ -124,6 +126,8 @@ class BatchStats:
     """Credits BFL charged for the batch's tasks, in every run (images or not)."""
     statuses: dict[str, int] = field(default_factory=dict)
     """How many jobs ended in each status."""
+    earlier: int = 0
+    """Images saved by earlier runs of the batch (a resumed batch lists them first)."""
     started: float = field(default_factory=time.monotonic)
     stopped: float | None = None
     """When the last job ended: the clock stops there."""
@@ -146,9 +150,9 @@ class BatchStats:
 
     @property
     def rate(self) -> float:
-        """Images saved per minute, so far."""
+        """Images saved per minute by this run, so far."""
         elapsed = self.elapsed
-        return self.ok * 60.0 / elapsed if elapsed > 0 else 0.0
+        return (self.ok - self.earlier) * 60.0 / elapsed if elapsed > 0 else 0.0
 
     @property
     def eta(self) -> float | None:
@@ -172,6 +176,7 @@ class BatchStats:
         self.statuses[result.status] = self.statuses.get(result.status, 0) + 1
         if result.ok:
             self.ok += 1
+            self.earlier += result.previous
             self.credits += result.cost or 0.0
         else:
             self.failed += 1
