@@ -96,6 +96,9 @@ class JobRecord:
     """The typed error raised in this run, if any."""
     previous: bool = False
     """True when the job had already ended in an earlier run of the batch."""
+    listed: bool = True
+    """False for a job no longer in the list whose task an earlier run paid for: it is
+    still watched and saved (its `index` then follows the listed jobs')."""
 
     @property
     def ok(self) -> bool:
@@ -120,6 +123,7 @@ class JobRecord:
             "cost": self.cost,
             "path": None if self.path is None else str(self.path),
             "seed": self.seed,
+            "listed": self.listed,
             "error_type": self.error_type,
             "error": self.error,
         }
@@ -141,7 +145,8 @@ class _Job:
     index: int
     key: str
     name: str | None
-    spec: ModelSpec
+    spec: ModelSpec | None
+    """None for a paid job no longer listed: it is followed, never submitted."""
     body: dict[str, Any]
     params: dict[str, Any]
     estimate: float
@@ -322,7 +327,7 @@ class Batch:
             jobs.append(_Job(index, key, name, spec, body, params, estimate, record))
             self._records.append(record)
         await self._journal.add(
-            JobRow(j.key, j.index, j.name, j.spec.name, j.estimate, "queued")
+            JobRow(j.key, j.index, j.name, j.record.model, j.estimate, "queued")
             for j in jobs
             if j.key not in known
         )
@@ -332,6 +337,20 @@ class Batch:
                 self._to_submit.append(job)
             else:
                 await self._resume(job, row)
+        # Paid tasks of jobs since removed from (or edited in) the list: still followed and
+        # saved, so editing the list never loses an image already paid for.
+        listed = {job.key for job in jobs}
+        for row in sorted(known.values(), key=lambda row: row.position):
+            if row.key in listed or row.state not in ("submitted", "ready") or not row.task:
+                continue
+            index = len(self._records)
+            record = JobRecord(
+                index, row.key, row.name, row.model, row.state, row.estimate, listed=False
+            )
+            self._records.append(record)
+            await self._resume(
+                _Job(index, row.key, row.name, None, {}, {}, row.estimate, record), row
+            )
 
     def _validate(
         self, model: Any, name: Any, params: dict[str, Any], names: set[str]
@@ -450,9 +469,7 @@ class Batch:
         if values.get("seed") is not None:
             journal["seed"] = str(values["seed"])
         await self._journal.update(job.key, state=state, **journal)
-        record_values = {
-            k: v for k, v in values.items() if k in ("cost", "path", "seed", "error")
-        }
+        record_values = {k: v for k, v in values.items() if k in ("cost", "path", "seed", "error")}
         job.record = replace(
             job.record, state=state, exception=exception, previous=previous, **record_values
         )
@@ -467,7 +484,7 @@ class Batch:
             send.send_nowait(job.record)
 
     async def _submit(self, job: _Job, send: MemoryObjectSendStream[JobRecord]) -> None:
-        assert job.scope is not None
+        assert job.scope is not None and job.spec is not None
         watch: _Watch | None = None
         failure: tuple[JobState, BaseException] | None = None
         with job.scope:

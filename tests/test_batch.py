@@ -337,3 +337,34 @@ async def test_an_existing_image_is_not_paid_for_again_and_timeouts_keep_tasks(
     assert (tmp_path / "taken.jpg").read_bytes() == b"mine"
     assert second.state == "submitted" and second.error_type == "WaitTimeoutError"
     assert fake.submits == 1
+
+
+async def test_a_paid_job_removed_from_the_list_is_still_saved(
+    never_fake: FakeBFL, tmp_path: Path
+) -> None:
+    fake = never_fake
+    async with client_for(fake) as client, client.batch(jobs(2), tmp_path) as batch:
+
+        async def stop_when_paid() -> None:
+            while fake.submits < 2:
+                await anyio.sleep(0.005)
+            batch.stop(grace=0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_when_paid)
+            async for _ in batch:
+                pass
+    paid = {r.key for r in batch.records if r.state == "submitted"}
+    assert len(paid) == 2
+    fake.finish_now()
+    fake.generation_time = 0.01
+    edited = jobs(2)
+    edited[1]["prompt"] = "changed while it was running"
+    again = await run(fake, tmp_path, edited)
+    assert [(r.listed, r.state) for r in again.records] == [
+        (True, "downloaded"), (True, "downloaded"), (False, "downloaded")
+    ]  # fmt: skip
+    assert again.records[2].index == 2 and again.records[2].key in paid
+    assert fake.submits == 3 and fake.duplicate_submits == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [job["listed"] for job in manifest["jobs"]] == [True, True, False]

@@ -229,10 +229,12 @@ async def run_batch(
             anyio.create_task_group() as tg,
         ):
             stats.estimated = batch.estimated
+            stats.total = len(batch.records)  # with paid jobs no longer in the file
             tg.start_soon(_stop_on_signals, batch, signals, grace, on_signal)
             async with contextlib.aclosing(batch.__aiter__()) as records:
                 async for record in records:
-                    result = JobResult.from_record(jobs[record.index], record)
+                    job = jobs[record.index] if record.listed else _unlisted(record)
+                    result = JobResult.from_record(job, record)
                     stats.record(result)
                     stats.spent = batch.spent
                     await manifest.write(result.manifest_line() + "\n")
@@ -241,6 +243,11 @@ async def run_batch(
             stats.spent = batch.spent
             tg.cancel_scope.cancel()
     return batch
+
+
+def _unlisted(record: JobRecord) -> Job:
+    """A job no longer in the file whose task an earlier run paid for (line 0)."""
+    return Job(line=0, model=record.model, params={}, name=record.name, estimate=record.estimate)
 
 
 async def _stop_on_signals(
