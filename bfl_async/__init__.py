@@ -4,6 +4,7 @@ async with AsyncBFL() as client:
     image = await client.generate("flux-2-pro", prompt="a red fox", output_dir="out/")
 """
 
+from ._batch import Batch, JobRecord, JobState
 from ._catalog import CATALOG as MODELS
 from ._catalog import ModelSpec
 from ._client import AsyncBFL, OnSubmitted
@@ -12,7 +13,9 @@ from ._errors import (
     APIError,
     AuthenticationError,
     BFLError,
+    BudgetExceededError,
     DownloadError,
+    DownloadRefusedError,
     GenerationError,
     InsufficientCreditsError,
     InvalidRequestError,
@@ -50,11 +53,16 @@ __all__ = [
     "AuthenticationError",
     "BFLError",
     "Backoff",
+    "Batch",
+    "BudgetExceededError",
     "DownloadError",
+    "DownloadRefusedError",
     "GeneratedImage",
     "GenerationError",
     "InsufficientCreditsError",
     "InvalidRequestError",
+    "JobRecord",
+    "JobState",
     "LearnedSchedule",
     "Limiter",
     "MissingAPIKeyError",

@@ -23,8 +23,10 @@ import anyio
 import anyio.abc
 import httpx
 
+from ._batch import Batch
 from ._catalog import CATALOG, ModelSpec
-from ._download import IMAGE_SUFFIXES, Downloader
+from ._download import DEFAULT_MAX_BYTES, IMAGE_SUFFIXES, Downloader
+from ._download import check_file_name as _check_name
 from ._errors import (
     APIConnectionError,
     BFLError,
@@ -69,11 +71,12 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
     Large downloads then never hold the connections that polls and submits need, and each
     request scans only its own origin's idle connections: httpcore checks every idle
     connection of a pool on each request (quadratically in places), so few are kept alive.
-    The pools share one TLS context (each costs tens of milliseconds of CPU to load).
+    The https pools share one TLS context (each costs tens of milliseconds of CPU to load).
     """
 
-    def __init__(self, base_url: httpx.URL) -> None:
+    def __init__(self, base_url: httpx.URL, verify: bool | ssl.SSLContext = True) -> None:
         self._base_url = base_url
+        self._verify = verify
         self._pools: dict[tuple[str, str, int | None], httpx.AsyncHTTPTransport] = {}
         self._tls: ssl.SSLContext | None = None
 
@@ -87,10 +90,21 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
                 max_keepalive_connections=_KEEP_ALIVE,
                 keepalive_expiry=_IDLE_EXPIRY,
             )
-            if self._tls is None:
-                self._tls = httpx.create_ssl_context()
-            pool = self._pools[origin] = httpx.AsyncHTTPTransport(verify=self._tls, limits=limits)
+            pool = self._pools[origin] = httpx.AsyncHTTPTransport(
+                limits=limits, verify=self._tls_for(url.scheme)
+            )
         return pool
+
+    def _tls_for(self, scheme: str) -> bool | ssl.SSLContext:
+        if self._verify is False or isinstance(self._verify, ssl.SSLContext):
+            return self._verify
+        if scheme != "https":
+            # No TLS on this origin: a context that trusts nothing spares loading the CA
+            # bundle, and would fail closed if ever used.
+            return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self._tls is None:
+            self._tls = httpx.create_ssl_context()
+        return self._tls
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         return await self._pool(request.url).handle_async_request(request)
@@ -154,14 +168,6 @@ def _pool_of(model: str) -> str:
     return spec.pool if spec is not None else "standard"
 
 
-def _check_name(model: str, name: str) -> None:
-    if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-        raise ParameterError(
-            model,
-            [Problem("name", f"{name!r} is not a plain file name", "a name without / or \\")],
-        )
-
-
 class AsyncBFL:
     """Async client for Black Forest Labs' FLUX API.
 
@@ -189,7 +195,9 @@ class AsyncBFL:
         submit_retries: int = 3,
         rate_limit_retries: int = 20,
         download_attempts: int = 3,
+        max_download_bytes: int | None = DEFAULT_MAX_BYTES,
         retry_base_delay: float = 0.5,
+        verify: bool | ssl.SSLContext = True,
         webhook_url: str | None = None,
         webhook_secret: str | None = None,
     ) -> None:
@@ -206,11 +214,13 @@ class AsyncBFL:
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
             timeout=timeout,
-            transport=_RoutingTransport(self.base_url),
+            transport=_RoutingTransport(self.base_url, verify),
             headers={"user-agent": "bfl-async"},
         )
         self._api = API(self._http, key, str(self.base_url))
-        self._downloader = Downloader(self._http, attempts=download_attempts)
+        self._downloader = Downloader(
+            self._http, attempts=download_attempts, max_bytes=max_download_bytes
+        )
         self._limiter = Limiter(limits, separate_pools=separate_pools)
         self._schedule: PollSchedule = poll_schedule or LearnedSchedule()
         self.webhook_url = _check_webhook(webhook_url, webhook_secret)
@@ -344,8 +354,13 @@ class AsyncBFL:
         body: Mapping[str, Any],
         params: Mapping[str, Any],
         on_submitted: OnSubmitted | None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[_Watch, float, float]:
-        """Submit with the retry rules of `post_submit`; return the watch and its timings."""
+        """Submit with the retry rules of `post_submit`; return the watch and its timings.
+
+        `before_send` runs once a slot is held, right before each POST (a batch records
+        the attempt there, or raises to cancel it: the slot is then released).
+        """
         tg = self._task_group()
         if self.webhook_url is not None and "webhook_url" not in body:
             hook = {"webhook_url": self.webhook_url, "webhook_secret": self._webhook_secret}
@@ -360,6 +375,8 @@ class AsyncBFL:
             queued = anyio.current_time() - started
             failure: Refused | NotSent
             try:
+                if before_send is not None:
+                    await before_send()
                 # Once the POST is on its way, a cancelled caller must not lose its answer.
                 with anyio.CancelScope(shield=True):
                     sent_at = anyio.current_time()
@@ -498,6 +515,10 @@ class AsyncBFL:
         the task keeps running, so `wait(e.task)` again later. A handle rebuilt from JSON
         takes its in-flight slot at once: BFL already counts it.
         """
+        return await self._await(self._attach(task), timeout)
+
+    def _attach(self, task: Task) -> _Watch:
+        """The watch of `task`; a handle new to this client claims its slot at once."""
         watch = self._watches.get(task.id)
         if watch is None:
             tg = self._task_group()
@@ -505,7 +526,7 @@ class AsyncBFL:
             elapsed = time.time() - task.submitted_at if task.submitted_at else 0.0
             accepted_at = anyio.current_time() - max(0.0, elapsed)
             watch = self._start_watch(tg, task, slot, accepted_at, self.webhook_url is not None)
-        return await self._await(watch, timeout)
+        return watch
 
     async def _await(self, watch: _Watch, timeout: float | _Unset | None) -> Result:
         limit = self._wait_timeout if timeout is _UNSET else timeout
@@ -758,6 +779,36 @@ class AsyncBFL:
             scope.cancel()
             with anyio.CancelScope(shield=True):
                 await finished.wait()
+
+    def batch(
+        self,
+        jobs: Iterable[Mapping[str, Any]],
+        output_dir: str | os.PathLike[str],
+        *,
+        max_cost: float | None = None,
+        resubmit_uncertain: bool = False,
+        overwrite: bool = False,
+        timeout: float | None = None,
+        journal: str | os.PathLike[str] | None = None,
+    ) -> Batch:
+        """A resumable batch of jobs (`{"model": ..., "prompt": ..., "name"?: ...}`).
+
+        Every job is journaled in `output_dir/bfl-batch.sqlite` before each step, so running
+        the same batch again resumes it without paying twice. `max_cost` (credits) stops
+        submits that would take the batch past it; jobs whose earlier submit may or may not
+        have reached BFL stay `uncertain` unless `resubmit_uncertain`. Use it as
+        `async with client.batch(jobs, "out/") as batch: async for record in batch: ...`.
+        """
+        return Batch(
+            self,
+            jobs,
+            output_dir,
+            max_cost=max_cost,
+            resubmit_uncertain=resubmit_uncertain,
+            overwrite=overwrite,
+            timeout=timeout,
+            journal=journal,
+        )
 
     # --- account -----------------------------------------------------------------------
 

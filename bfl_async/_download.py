@@ -1,8 +1,10 @@
 """Streamed, length-checked, atomic downloads of result images.
 
 The image is never held whole in memory: it goes chunk by chunk to `<name>.part`, its length
-is checked against `Content-Length`, and it is renamed into place only when complete. The
-delivery host needs no key, and none is sent there.
+is checked against `Content-Length`, and it is renamed into place only when complete. A body
+larger than the cap, or whose first bytes are not a PNG, JPEG or WebP image, is refused as it
+arrives (storage may label anything `application/octet-stream`). The delivery host needs no
+key, and none is sent there.
 """
 
 from __future__ import annotations
@@ -19,14 +21,22 @@ from typing import BinaryIO
 import anyio
 import httpx
 
-from ._errors import DownloadError, OutputExistsError, ResultExpiredError
+from ._errors import (
+    DownloadError,
+    DownloadRefusedError,
+    OutputExistsError,
+    ParameterError,
+    Problem,
+    ResultExpiredError,
+)
 from ._models import Result
 
-__all__ = ["IMAGE_SUFFIXES", "Downloader", "image_suffix"]
+__all__ = ["DEFAULT_MAX_BYTES", "IMAGE_SUFFIXES", "Downloader", "check_file_name", "image_suffix"]
 
 logger = logging.getLogger("bfl_async")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
+DEFAULT_MAX_BYTES = 64 << 20
 _PEEK = 12
 _WRITE_BLOCK = 256 * 1024
 
@@ -60,6 +70,21 @@ def url_expiry(url: str) -> float | None:
     return when.timestamp()
 
 
+def check_file_name(model: str, name: str) -> None:
+    """Refuse a file name that could leave its directory or confuse a file system."""
+    if (
+        name in ("", ".", "..")
+        or Path(name).name != name
+        or "\\" in name
+        or len(name) > 200
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise ParameterError(
+            model,
+            [Problem("name", f"{name!r} is not a plain file name", "a name without / or \\")],
+        )
+
+
 class _Broken(Exception):
     """One transfer attempt failed in a way a new attempt may fix."""
 
@@ -67,9 +92,34 @@ class _Broken(Exception):
 class Downloader:
     """Fetches result images from delivery hosts, retrying truncated transfers."""
 
-    def __init__(self, client: httpx.AsyncClient, *, attempts: int = 3) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        attempts: int = 3,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+    ) -> None:
         self._client = client
         self._attempts = attempts
+        self._max_bytes = max_bytes
+
+    def _refuse(self, result: Result, why: str) -> DownloadRefusedError:
+        return DownloadRefusedError(
+            f"the result of task {result.task.id} was refused: {why}; nothing was saved. "
+            "The task's handle is kept: fetch it again with client.wait(task) and "
+            "client.download() while its URL is valid",
+            task=result.task,
+        )
+
+    def _check_size(self, result: Result, size: int) -> None:
+        if self._max_bytes is not None and size > self._max_bytes:
+            raise self._refuse(
+                result, f"it is larger than max_download_bytes ({self._max_bytes} bytes)"
+            )
+
+    def _check_image(self, result: Result, head: bytes) -> None:
+        if image_suffix(head) is None:
+            raise self._refuse(result, "it is not a PNG, JPEG or WebP image")
 
     def _check_fresh(self, result: Result) -> None:
         expiry = url_expiry(result.sample)
@@ -103,8 +153,22 @@ class Downloader:
             if response.status_code != 200:
                 raise _Broken(f"HTTP {response.status_code}")
             expected = response.headers.get("content-length")
+            if expected is not None and expected.isdigit():
+                self._check_size(result, int(expected))
+            pending = b""  # held back until the first bytes show it is an image
+            checked = False
+            size = 0
             try:
                 async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    self._check_size(result, size)
+                    if not checked:
+                        pending += chunk
+                        if len(pending) < _PEEK:
+                            continue
+                        self._check_image(result, pending)
+                        checked = True
+                        chunk, pending = pending, b""
                     yield chunk
             except httpx.TransportError as exc:
                 raise _Broken(
@@ -114,6 +178,9 @@ class Downloader:
             got = response.num_bytes_downloaded
             if expected is not None and expected.isdigit() and got != int(expected):
                 raise _Broken(f"truncated: got {got} of {expected} bytes")
+            if not checked:
+                self._check_image(result, pending)
+                yield pending
         finally:
             await response.aclose()
 
@@ -192,13 +259,7 @@ class Downloader:
                     part.unlink()
                 raise
         suffix = image_suffix(head)
-        if suffix is None:
-            part.unlink()
-            raise DownloadError(
-                f"the result of task {result.task.id} is not a PNG, JPEG or WebP image; "
-                "it was not saved",
-                task=result.task,
-            )
+        assert suffix is not None  # chunks() refuses anything else
         target = directory / f"{name}{suffix}"
         if overwrite:
             os.replace(part, target)

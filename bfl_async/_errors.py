@@ -18,7 +18,9 @@ __all__ = [
     "APIError",
     "AuthenticationError",
     "BFLError",
+    "BudgetExceededError",
     "DownloadError",
+    "DownloadRefusedError",
     "GenerationError",
     "InsufficientCreditsError",
     "InvalidRequestError",
@@ -102,6 +104,19 @@ class OutputExistsError(BFLError, FileExistsError):
         message = f"{path} already exists; pass overwrite=True or choose another name"
         if kept:
             message += f". The downloaded image was kept at {kept}"
+        super().__init__(message)
+
+
+class BudgetExceededError(BFLError):
+    """A batch job was not submitted: its price would take the batch past `max_cost`.
+
+    Nothing was sent and nothing was paid; rerun the batch with a larger budget to run it.
+    """
+
+    def __init__(self, message: str, *, estimate: float, spent: float, max_cost: float) -> None:
+        self.estimate = estimate
+        self.spent = spent
+        self.max_cost = max_cost
         super().__init__(message)
 
 
@@ -232,6 +247,12 @@ class ResultExpiredError(TaskError):
 
 class DownloadError(TaskError):
     """The image could not be downloaded intact; the handle is kept, so try again."""
+
+
+class DownloadRefusedError(DownloadError):
+    """The delivery host sent something that is not an image we keep: larger than the cap,
+    or not a PNG, JPEG or WebP by its first bytes. Not retried; the handle is kept, so the
+    result can be fetched again (with a larger `max_download_bytes`, say) while it is valid."""
 
 
 # --- webhooks -----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typer.testing import CliRunner, Result
 
 from bfl_async import MODELS
 from bfl_async.cli import app
+from bfl_async.cli._batch import parse_budget
 from bfl_async.cli._connect import Connection
 from bfl_async.cli._display import credits_text, duration, usd
 from bfl_async.cli._jobs import parse_param
@@ -210,7 +211,8 @@ def test_batch_on_the_fake_saves_one_image_per_job_and_a_manifest(tmp_path: Path
     assert rows[1]["name"] is None and rows[1]["path"] == str(out / f"{rows[1]['task_id']}.png")
     assert rows[1]["seed"] == 7
     assert [row["cost"] for row in rows] == [3.0, 1.4, 4.0]
-    assert sorted(p.name for p in out.iterdir() if p.name != "results.jsonl") == sorted(
+    bookkeeping = {"results.jsonl", "manifest.json", "bfl-batch.sqlite"}
+    assert sorted(p.name for p in out.iterdir() if p.name not in bookkeeping) == sorted(
         Path(row["path"]).name for row in rows
     )
     assert "summary: 3 jobs, 3 ok, 0 failed; 8.4 credits ($0.084)" in result.stdout
@@ -554,7 +556,8 @@ def test_without_a_terminal_progress_is_plain_lines(tmp_path: Path) -> None:
     assert lines[0].startswith(f"batch: 6 jobs from {jobs}")
     progress = [line for line in lines if re.match(r"\[[1-6]/6\] ok +line [1-6] -> ", line)]
     assert [line[:5] for line in progress] == [f"[{n}/6]" for n in range(1, 7)]
-    assert lines[-2].startswith("summary: 6 jobs, 6 ok, 0 failed; 8.4 credits ($0.084)")
+    assert lines[-3].startswith("summary: 6 jobs, 6 ok, 0 failed; 8.4 credits ($0.084)")
+    assert lines[-2] == "spend: estimated 8.4 credits ($0.084), charged 8.4 credits ($0.084)"
     assert lines[-1] == f"manifest: {tmp_path / 'out' / 'results.jsonl'}"
 
 
@@ -658,3 +661,90 @@ def test_fake_server_serves_until_ctrl_c(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# --- resume, budgets and signals -------------------------------------------------------------
+
+
+def test_budget_accepts_credits_or_dollars() -> None:
+    assert parse_budget("500") == 500.0
+    assert parse_budget(" $12.50 ") == 1250.0
+    assert parse_budget("$1,000") == 100000.0
+    for bad in ("", "$", "twelve", "-3", "nan", "inf"):
+        with pytest.raises(ValueError, match="not a budget"):
+            parse_budget(bad)
+
+
+def test_batch_with_a_budget_skips_what_would_pass_it_and_resumes(tmp_path: Path) -> None:
+    jobs = small_batch(tmp_path, count=6)  # 1.4 credits each
+    out = tmp_path / "out"
+    result = bfl("batch", jobs, "-o", out, "--fake", "--budget", "$0.05")
+    assert result.exit_code == 1, result.output
+    assert "budget 5 credits ($0.05)" in result.stdout
+    assert [row["status"] for row in manifest(out)].count("skipped") == 3
+    assert "3 skipped" in result.stdout
+    assert "spend: estimated 8.4 credits ($0.084), charged 4.2 credits ($0.042)" in result.stdout
+    result = bfl("batch", jobs, "-o", out, "--fake", "--budget", "9")
+    assert result.exit_code == 0, result.output
+    assert "; resuming" in result.stdout
+    assert all(row["status"] == "ok" for row in manifest(out))
+    assert "charged 8.4 credits" in result.stdout
+    estimate = bfl("estimate", jobs, "-o", out)
+    assert "charged so far: 8.4 credits ($0.084) (6 images saved" in estimate.stdout
+    assert "does not exist yet" in bfl("estimate", jobs, "-o", tmp_path).stdout
+    (tmp_path / "manifest.json").write_text("[]")
+    assert "not a batch manifest" in bfl("estimate", jobs, "-o", tmp_path).stdout
+
+
+def test_a_bad_budget_is_an_input_error(tmp_path: Path) -> None:
+    result = bfl("batch", small_batch(tmp_path), "--fake", "--budget", "lots")
+    assert result.exit_code == 2 and "--budget:" in result.stderr
+
+
+def test_a_rerun_finds_named_images_it_saved_itself(tmp_path: Path) -> None:
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"model": "flux-2-pro", "prompt": "x", "name": "a"})
+    assert bfl("batch", jobs, "-o", tmp_path / "out", "--fake").exit_code == 0
+    result = bfl("batch", jobs, "-o", tmp_path / "out", "--fake")
+    assert result.exit_code == 0, result.output
+    assert manifest(tmp_path / "out")[0]["status"] == "ok"
+    assert ", 0 images/min" in result.stdout  # nothing new was made by this run
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["grace", "second-signal"])
+def test_sigint_stops_submits_waits_for_paid_tasks_and_says_how_to_resume(
+    signals: int, start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake(limits={"standard": 3})
+    fake.generation_time = 0.5 if signals == 1 else 3600.0
+    jobs = small_batch(tmp_path, count=8)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [*CLI, "batch", str(jobs), "-o", str(out), "--base-url", fake.base_url,
+         "--concurrency", "3", "--grace", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=subprocess_env(BFL_API_KEY=KEY),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while fake.submits < 3:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.005)
+    for _ in range(signals):
+        process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    text = stderr.decode()
+    assert "stopping: no new submits" in text
+    assert "Run the same command again to resume" in text
+    assert fake.submits == 3  # no submit after the signal
+    rows = manifest(out)
+    assert len(rows) == 8
+    statuses = sorted(row["status"] for row in rows)
+    if signals == 1:  # the 3 paid tasks finished within the grace period and were saved
+        assert statuses == ["ok"] * 3 + ["pending"] * 5
+    else:
+        assert statuses == ["pending"] * 8
+        fake.finish_now()
+    fake.generation_time = 0.01
+    result = bfl("batch", jobs, "-o", out, "--base-url", fake.base_url, "--api-key", KEY)
+    assert result.exit_code == 0, result.output
+    assert fake.submits == 8 and fake.duplicate_submits == 0

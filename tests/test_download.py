@@ -13,7 +13,7 @@ import httpx
 import pytest
 import respx
 
-from bfl_async import DownloadError, OutputExistsError, Result, Task
+from bfl_async import DownloadError, DownloadRefusedError, OutputExistsError, Result, Task
 from bfl_async._download import Downloader, image_suffix, url_expiry
 
 from .helpers import DELIVERY, PNG, image, signed_url
@@ -135,3 +135,82 @@ async def test_a_cancelled_download_leaves_no_part_file(
     with anyio.move_on_after(0.1):
         await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
     assert list(tmp_path.iterdir()) == []
+
+
+class _Chunks(httpx.AsyncByteStream):
+    """A body sent in the given pieces, without a Content-Length."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = pieces
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            self.sent += 1
+            yield piece
+
+
+async def test_a_body_larger_than_the_cap_is_refused_from_its_content_length(
+    mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    route = mock.get(DELIVERY).respond(200, content=PNG * 10)
+    async with httpx.AsyncClient() as client:
+        small = Downloader(client, max_bytes=len(PNG) * 5)
+        with pytest.raises(DownloadRefusedError, match="larger than max_download_bytes") as e:
+            await small.to_directory(result_for(signed_url()), tmp_path, "big", overwrite=False)
+    assert e.value.task.id == "t1" and isinstance(e.value, DownloadError)
+    assert route.call_count == 1  # refused, not retried
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_body_without_length_is_cut_off_at_the_cap(
+    mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    body = _Chunks(PNG, PNG, PNG, PNG, PNG)
+    mock.get(DELIVERY).mock(return_value=httpx.Response(200, stream=body))
+    async with httpx.AsyncClient() as client:
+        small = Downloader(client, max_bytes=len(PNG) * 2)
+        with pytest.raises(DownloadRefusedError):
+            await small.to_directory(result_for(signed_url()), tmp_path, "big", overwrite=False)
+    assert body.sent == 3 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("pieces", [[b"\x89PN", b"G\r\n\x1a\n", PNG[8:]], [PNG[:5]], [b""]])
+async def test_the_first_bytes_decide_even_across_small_chunks(
+    pieces: list[bytes], mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    mock.get(DELIVERY).mock(return_value=httpx.Response(200, stream=_Chunks(*pieces)))
+    async with httpx.AsyncClient() as client:
+        downloader = Downloader(client, max_bytes=None)
+        if b"".join(pieces) == PNG:
+            path = await downloader.to_directory(
+                result_for(signed_url()), tmp_path, "a", overwrite=False
+            )
+            assert path.read_bytes() == PNG and path.suffix == ".png"
+        else:
+            with pytest.raises(DownloadRefusedError, match="not a PNG, JPEG or WebP"):
+                await downloader.to_directory(
+                    result_for(signed_url()), tmp_path, "a", overwrite=False
+                )
+            assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_file_object_gets_no_bytes_of_a_non_image(mock: respx.MockRouter) -> None:
+    mock.get(DELIVERY).respond(200, content=b"<html>" + b"x" * 100)
+    async with httpx.AsyncClient() as client:
+        out = io.BytesIO()
+        with pytest.raises(DownloadRefusedError):
+            await Downloader(client).to_file(result_for(signed_url()), out)
+    assert out.getvalue() == b""
+
+
+async def test_tls_is_verified_unless_turned_off() -> None:
+    import ssl
+
+    from bfl_async import AsyncBFL
+
+    for verify, mode in ((True, ssl.CERT_REQUIRED), (False, ssl.CERT_NONE)):
+        async with AsyncBFL(api_key="k", verify=verify) as client:
+            transport = client._http._transport
+            pool = transport._pool(httpx.URL("https://api.bfl.ai/v1/x"))  # type: ignore[attr-defined]
+            assert pool._pool._ssl_context.verify_mode == mode

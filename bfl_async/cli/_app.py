@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
+import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from rich.text import Text
 from bfl_async import (
     MODELS,
     AsyncBFL,
+    Batch,
     BFLError,
     GeneratedImage,
     MissingAPIKeyError,
@@ -28,7 +31,7 @@ from bfl_async import (
 )
 from bfl_async.testing import FakeBFL
 
-from ._batch import MANIFEST, BatchStats, one_line, run_batch
+from ._batch import MANIFEST, BatchStats, one_line, parse_budget, run_batch
 from ._connect import CLIError, Connection, Region, fake_generation_time, with_client
 from ._display import (
     LiveDisplay,
@@ -280,49 +283,114 @@ def batch(
     jobs_file: JobsFile,
     output_dir: OutputDir = Path("."),
     overwrite: Overwrite = False,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            "--budget",
+            show_default=False,
+            help="Spend at most this much: credits (500) or US dollars ('$12.50'). Jobs that "
+            "would pass it are skipped, counting what is spent and in flight.",
+        ),
+    ] = None,
+    resubmit_uncertain: Annotated[
+        bool,
+        typer.Option(
+            "--resubmit-uncertain",
+            help="Submit again the jobs whose earlier submit may or may not have reached BFL "
+            "(check your dashboard first: they may be paid twice).",
+        ),
+    ] = False,
+    grace: Annotated[
+        float,
+        typer.Option(
+            "--grace",
+            min=0,
+            help="On Ctrl-C, seconds to keep watching paid tasks in flight (a second Ctrl-C "
+            "stops at once).",
+        ),
+    ] = 30.0,
     fake: Fake = False,
     concurrency: Concurrency = None,
     region: RegionOption = RegionName.GLOBAL,
     base_url: BaseUrl = None,
     api_key: ApiKey = None,
 ) -> None:
-    """Generate every job of a JSONL file, with live progress; write results.jsonl.
+    """Generate every job of a JSONL file, with live progress; resumable; write results.jsonl.
 
     Each line is a JSON object: "model", "prompt", any other parameter, and an optional
     "name" for the image file. Blank lines and lines starting with # are skipped. Every
-    line is checked before anything is sent. Exits 1 if some jobs failed.
+    line is checked before anything is sent. A journal in the output dir makes the batch
+    resumable: run the same command again after a crash or Ctrl-C, and it picks up where
+    it stopped without paying twice. Exits 1 if some jobs failed, 130 if interrupted.
     """
-    jobs = _load_jobs(jobs_file, output_dir, overwrite)
-    connection = _connection(api_key, base_url, region, concurrency, fake)
+    try:
+        max_cost = None if budget is None else parse_budget(budget)
+    except ValueError as exc:
+        raise _fail(f"--budget: {exc}", 2) from None
+    resuming = (output_dir / Batch.journal_name).exists()
+    # On a rerun, named images already saved are the batch's own: the journal knows them.
+    jobs = _load_jobs(jobs_file, None if resuming else output_dir, overwrite)
+    connection = dataclasses.replace(
+        _connection(api_key, base_url, region, concurrency, fake), close_grace=0.0
+    )
     _check(connection)
     _make_dir(output_dir)
     console = _stdout()
     stats = BatchStats(total=len(jobs))
     estimate = sum(job.estimate for job in jobs)
+    limit = "" if max_cost is None else f", budget {credits_text(max_cost)}"
     console.print(
         f"batch: {len(jobs)} jobs from {jobs_file} -> {output_dir} "
-        f"(estimated {credits_text(estimate)}){' on the fake API' if fake else ''}",
+        f"(estimated {credits_text(estimate)}{limit})"
+        f"{' on the fake API' if fake else ''}{'; resuming' if resuming else ''}",
         soft_wrap=True,
     )
+    signals: list[int] = []
+
+    def on_signal(signum: int, running: Batch) -> None:
+        signals.append(signum)
+        if len(signals) == 1:
+            _print_error(
+                f"stopping: no new submits; watching paid tasks for up to {grace:g} s "
+                "(press Ctrl-C again to stop now)"
+            )
 
     async def run(client: AsyncBFL) -> None:
+        options: dict[str, Any] = {
+            "overwrite": overwrite,
+            "max_cost": max_cost,
+            "resubmit_uncertain": resubmit_uncertain,
+            "grace": grace,
+            "on_signal": on_signal,
+        }
         if not console.is_terminal:
             await run_batch(
-                client, jobs, output_dir, stats, PlainDisplay(console, stats), overwrite=overwrite
+                client, jobs, output_dir, stats, PlainDisplay(console, stats), **options
             )
             return
         with LiveDisplay(console, stats, client.limiter) as display:
-            await run_batch(client, jobs, output_dir, stats, display, overwrite=overwrite)
+            await run_batch(client, jobs, output_dir, stats, display, **options)
 
     try:
         _run(lambda: with_client(connection, run, on_submitted=stats.on_submitted))
     except KeyboardInterrupt:
-        raise _fail(
-            f"interrupted after {stats.finished} of {stats.total} jobs; "
-            f"those are listed in {output_dir / MANIFEST}",
-            130,
-        ) from None
+        signals.append(2)
     print_summary(console, stats, output_dir / MANIFEST)
+    uncertain = stats.statuses.get("uncertain", 0)
+    if uncertain:
+        console.print(
+            f"{uncertain} job(s) are uncertain: the batch stopped while their submit was on "
+            "its way, so BFL may have created (and charged for) their tasks. Check your "
+            "dashboard; to submit them again, rerun with --resubmit-uncertain",
+            soft_wrap=True,
+        )
+    if signals:
+        raise _fail(
+            f"interrupted after {stats.ok} of {stats.total} images; every paid task is "
+            f"recorded in {output_dir / Batch.journal_name}. Run the same command again "
+            "to resume: nothing is paid twice",
+            130,
+        )
     raise typer.Exit(1 if stats.failed else 0)
 
 
@@ -358,7 +426,19 @@ def _price(spec: ModelSpec) -> str:
 
 
 @app.command()
-def estimate(jobs_file: JobsFile) -> None:
+def estimate(
+    jobs_file: JobsFile,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-dir",
+            "-o",
+            file_okay=False,
+            show_default=False,
+            help="A batch's output dir: also show what its runs so far were charged.",
+        ),
+    ] = None,
+) -> None:
     """Estimate what a job file will cost, per model and in total, before running it."""
     jobs = _load_jobs(jobs_file)
     count: defaultdict[str, int] = defaultdict(int)
@@ -377,11 +457,26 @@ def estimate(jobs_file: JobsFile) -> None:
     console = _stdout()
     console.print(table)
     console.print(f"total: {credits_text(total)}", soft_wrap=True)
+    if output_dir is not None:
+        console.print(_charged_so_far(output_dir / Batch.manifest_name), soft_wrap=True)
     console.print(
         "1 credit = 1 US cent. FLUX.2 counts each reference image as 1 MP; "
         "BFL bills what each submit reports.",
         soft_wrap=True,
     )
+
+
+def _charged_so_far(manifest: Path) -> str:
+    """`charged so far: …` from a batch's manifest, or why there is nothing to show."""
+    try:
+        summary = json.loads(manifest.read_text(encoding="utf-8"))["summary"]
+        spent = float(summary["spent_credits"])
+        done = int(summary["states"].get("downloaded", 0))
+    except FileNotFoundError:
+        return f"charged so far: nothing ({manifest} does not exist yet)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"charged so far: unknown ({manifest} is not a batch manifest)"
+    return f"charged so far: {credits_text(spent)} ({done} images saved; from {manifest})"
 
 
 @app.command()

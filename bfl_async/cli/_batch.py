@@ -1,24 +1,48 @@
-"""Running a job file through `AsyncBFL.generate_many`: counters, results and the manifest."""
+"""Running a job file through `AsyncBFL.batch`: signals, counters, results and the manifest."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import anyio
 
-from bfl_async import AsyncBFL, Outcome, ParameterError, Task, TaskError
+from bfl_async import AsyncBFL, Batch, JobRecord, ParameterError, Task
 
 from ._jobs import Job, describe_parameter_error
 
-__all__ = ["MANIFEST", "BatchStats", "Display", "JobResult", "one_line", "run_batch"]
+__all__ = [
+    "MANIFEST",
+    "BatchStats",
+    "Display",
+    "JobResult",
+    "one_line",
+    "parse_budget",
+    "run_batch",
+]
 
 MANIFEST = "results.jsonl"
+
+Status = Literal["ok", "failed", "uncertain", "skipped", "expired", "pending"]
+
+
+def parse_budget(text: str) -> float:
+    """A budget in credits from `500` (credits) or `$12.50` (US dollars: 1 credit = 1 cent)."""
+    raw = text.strip().replace(",", "")
+    dollars = raw.startswith("$")
+    try:
+        value = float(raw.removeprefix("$").strip())
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{text!r} is not a budget: give credits (500) or dollars ($12.50)")
+    return round(value * 100, 4) if dollars else value
 
 
 def one_line(error: BaseException) -> str:
@@ -33,27 +57,33 @@ class JobResult:
     """How one job ended: a line of the manifest."""
 
     job: Job
-    status: Literal["ok", "failed"]
+    status: Status
     task_id: str | None = None
     path: Path | None = None
     seed: int | None = None
     cost: float | None = None
     """Credits: what BFL reported at submit, else (FLUX.1 reports none) the catalog price."""
     error: str | None = None
+    previous: bool = False
+    """The job had ended in an earlier run of the batch."""
 
     @classmethod
-    def from_outcome(cls, job: Job, outcome: Outcome) -> JobResult:
-        """The result of `job` from the Outcome that generate_many yielded for it."""
-        if outcome.image is not None:
-            image = outcome.image
-            cost = image.cost if image.cost is not None else job.estimate
-            return cls(job, "ok", image.task_id, image.path, image.seed, cost)
-        error = outcome.error or RuntimeError("no image and no error")
-        task: Task | None = error.task if isinstance(error, TaskError) else None
-        if task is None:
-            return cls(job, "failed", error=one_line(error))
-        cost = task.cost if task.cost is not None else job.estimate
-        return cls(job, "failed", task.id, cost=cost, error=one_line(error))
+    def from_record(cls, job: Job, record: JobRecord) -> JobResult:
+        """The result of `job` from the record the batch yielded for it."""
+        task: Task | None = record.task
+        cost = record.cost if record.cost is not None or task is None else job.estimate
+        task_id = None if task is None else task.id
+        if record.ok:
+            return cls(job, "ok", task_id, record.path, record.seed, cost, None, record.previous)
+        status: Status
+        if record.state in ("failed", "uncertain", "skipped", "expired"):
+            status = record.state
+        else:  # queued, submitted or ready: the batch stopped before it ended
+            status = "pending"
+        error = record.error or f"not finished ({record.state}); run the batch again to resume"
+        if record.exception is not None:
+            error = one_line(record.exception)
+        return cls(job, status, task_id, cost=cost, error=error, previous=record.previous)
 
     @property
     def ok(self) -> bool:
@@ -85,10 +115,19 @@ class BatchStats:
     """Tasks BFL has accepted so far."""
     ok: int = 0
     failed: int = 0
+    """Jobs that ended without an image (failed, uncertain, skipped, expired, pending)."""
     failed_unsent: int = 0
     """Failed jobs that never became a task (refused by the API, or not sent at all)."""
     credits: float = 0.0
     """Credits spent on the images saved."""
+    estimated: float = 0.0
+    """The catalog's price of the whole batch."""
+    spent: float = 0.0
+    """Credits BFL charged for the batch's tasks, in every run (images or not)."""
+    statuses: dict[str, int] = field(default_factory=dict)
+    """How many jobs ended in each status."""
+    earlier: int = 0
+    """Images saved by earlier runs of the batch (a resumed batch lists them first)."""
     started: float = field(default_factory=time.monotonic)
     stopped: float | None = None
     """When the last job ended: the clock stops there."""
@@ -111,9 +150,9 @@ class BatchStats:
 
     @property
     def rate(self) -> float:
-        """Images saved per minute, so far."""
+        """Images saved per minute by this run, so far."""
         elapsed = self.elapsed
-        return self.ok * 60.0 / elapsed if elapsed > 0 else 0.0
+        return (self.ok - self.earlier) * 60.0 / elapsed if elapsed > 0 else 0.0
 
     @property
     def eta(self) -> float | None:
@@ -134,8 +173,10 @@ class BatchStats:
     def record(self, result: JobResult) -> None:
         """Count a job that ended."""
         self.results.append(result)
+        self.statuses[result.status] = self.statuses.get(result.status, 0) + 1
         if result.ok:
             self.ok += 1
+            self.earlier += result.previous
             self.credits += result.cost or 0.0
         else:
             self.failed += 1
@@ -161,18 +202,61 @@ async def run_batch(
     display: Display,
     *,
     overwrite: bool = False,
-) -> None:
-    """Generate every job into `output_dir`, writing results.jsonl as the jobs end."""
+    max_cost: float | None = None,
+    resubmit_uncertain: bool = False,
+    grace: float = 30.0,
+    on_signal: Callable[[int, Batch], None] | None = None,
+) -> Batch:
+    """Run every job into `output_dir`, writing results.jsonl as the jobs end.
+
+    SIGINT or SIGTERM stops new submits at once and keeps watching what is in flight for
+    `grace` seconds (a second signal ends that); the journal keeps the rest for the next run.
+    """
     stats.started = time.monotonic()
     requests = [job.request() for job in jobs]
-    outcomes = client.generate_many(requests, output_dir=output_dir, overwrite=overwrite)
-    async with (
-        await anyio.open_file(output_dir / MANIFEST, "w", encoding="utf-8") as manifest,
-        contextlib.aclosing(outcomes),
-    ):
-        async for outcome in outcomes:
-            result = JobResult.from_outcome(jobs[outcome.index], outcome)
-            stats.record(result)
-            await manifest.write(result.manifest_line() + "\n")
-            await manifest.flush()
-            display.job_finished(result)
+    batch = client.batch(
+        requests,
+        output_dir,
+        max_cost=max_cost,
+        resubmit_uncertain=resubmit_uncertain,
+        overwrite=overwrite,
+    )
+    # Listening before anything is sent: a signal is never the default KeyboardInterrupt.
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with (
+            batch,
+            await anyio.open_file(output_dir / MANIFEST, "w", encoding="utf-8") as manifest,
+            anyio.create_task_group() as tg,
+        ):
+            stats.estimated = batch.estimated
+            stats.total = len(batch.records)  # with paid jobs no longer in the file
+            tg.start_soon(_stop_on_signals, batch, signals, grace, on_signal)
+            async with contextlib.aclosing(batch.__aiter__()) as records:
+                async for record in records:
+                    job = jobs[record.index] if record.listed else _unlisted(record)
+                    result = JobResult.from_record(job, record)
+                    stats.record(result)
+                    stats.spent = batch.spent
+                    await manifest.write(result.manifest_line() + "\n")
+                    await manifest.flush()
+                    display.job_finished(result)
+            stats.spent = batch.spent
+            tg.cancel_scope.cancel()
+    return batch
+
+
+def _unlisted(record: JobRecord) -> Job:
+    """A job no longer in the file whose task an earlier run paid for (line 0)."""
+    return Job(line=0, model=record.model, params={}, name=record.name, estimate=record.estimate)
+
+
+async def _stop_on_signals(
+    batch: Batch,
+    signals: AsyncIterator[int],
+    grace: float,
+    on_signal: Callable[[int, Batch], None] | None,
+) -> None:
+    async for signum in signals:
+        batch.stop(grace=0 if batch.stopping else grace)
+        if on_signal is not None:
+            on_signal(signum, batch)

@@ -52,6 +52,8 @@ class Connection:
     region: Region = "global"
     concurrency: int | None = None
     fake: bool = False
+    close_grace: float = 30.0
+    """Seconds the client waits for tasks in flight when it closes."""
 
     def check(self) -> None:
         """Refuse to go on without a key, rather than ever faking a paid run silently."""
@@ -95,6 +97,7 @@ async def open_client(
             base_url=connection.base_url,
             limits=connection.limits,
             on_submitted=on_submitted,
+            close_grace=connection.close_grace,
         ) as client:
             yield client
         return
@@ -106,6 +109,7 @@ async def open_client(
             base_url=fake.base_url,
             limits=connection.limits,
             on_submitted=on_submitted,
+            close_grace=connection.close_grace,
             poll_schedule=Backoff(initial=0.05, factor=1.5, maximum=0.5),
         ) as client,
     ):

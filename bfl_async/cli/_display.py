@@ -61,7 +61,7 @@ def job_line(result: JobResult, stats: BatchStats) -> Text:
         cost = "" if result.cost is None else f", {number(result.cost)} credits"
         text.append(f" -> {result.path} (seed {result.seed}{cost})")
     else:
-        text.append("failed ", style="bold red")
+        text.append(f"{result.status:<7}", style="bold red")
         text.append(_failure(result))
     return text
 
@@ -162,6 +162,15 @@ def _field(text: Text, label: str, value: str, style: str) -> None:
     text.append("   ")
 
 
+_NOT_OK = ("uncertain", "skipped", "expired", "pending")
+
+
+def _others(stats: BatchStats) -> str:
+    """`; 2 uncertain, 1 skipped` for the jobs that neither succeeded nor plainly failed."""
+    parts = [f"{stats.statuses[s]} {s}" for s in _NOT_OK if stats.statuses.get(s)]
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def print_summary(console: Console, stats: BatchStats, manifest: Path) -> None:
     """The batch's totals and each failed job with its error: a table in a terminal."""
     if console.is_terminal:
@@ -171,7 +180,11 @@ def print_summary(console: Console, stats: BatchStats, manifest: Path) -> None:
     print_line(
         f"summary: {stats.total} jobs, {stats.ok} ok, {stats.failed} failed; "
         f"{credits_text(stats.credits)}; {duration(stats.elapsed)}, "
-        f"{number(stats.rate, decimals=1)} images/min",
+        f"{number(stats.rate, decimals=1)} images/min{_others(stats)}",
+        soft_wrap=True,
+    )
+    print_line(
+        f"spend: estimated {credits_text(stats.estimated)}, charged {credits_text(stats.spent)}",
         soft_wrap=True,
     )
     print_line(f"manifest: {manifest}", soft_wrap=True)
@@ -187,6 +200,11 @@ def _summary_tables(console: Console, stats: BatchStats, manifest: Path) -> None
     totals.add_row("ok", Text(str(stats.ok), style="green"))
     totals.add_row("failed", Text(str(stats.failed), style="red" if stats.failed else ""))
     totals.add_row("spent", credits_text(stats.credits))
+    totals.add_row("estimated", credits_text(stats.estimated))
+    totals.add_row("charged", f"{credits_text(stats.spent)} (every run, images or not)")
+    for status in _NOT_OK:
+        if stats.statuses.get(status):
+            totals.add_row(status, Text(str(stats.statuses[status]), style="yellow"))
     totals.add_row(
         "time", f"{duration(stats.elapsed)} ({number(stats.rate, decimals=1)} images/min)"
     )

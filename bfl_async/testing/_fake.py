@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import random
 import secrets
 import time
@@ -50,7 +51,19 @@ __all__ = [
 
 FaultKind = Literal["submit", "poll", "download"]
 Fault = Literal[
-    "500", "502", "503", "drop_before", "drop_after", "truncate", "slow", "expired", "malformed"
+    "500",
+    "502",
+    "503",
+    "drop_before",
+    "drop_after",
+    "truncate",
+    "slow",
+    "expired",
+    "malformed",
+    "hold",
+    "huge",
+    "incomplete",
+    "unknown_status",
 ]
 HostKind = Literal["api", "polling", "delivery"]
 
@@ -202,6 +215,7 @@ class FakeBFL:
         image_size: tuple[int, int] = (64, 64),
         image_bytes: int | None = None,
         slow_seconds: float = 2.0,
+        huge_bytes: int = 8 << 20,
         seed: int = 0,
         host: str = "127.0.0.1",
         delivery_host: str = "127.0.0.2",
@@ -225,6 +239,7 @@ class FakeBFL:
         self.image_size = image_size
         self.image_bytes = image_bytes
         self.slow_seconds = slow_seconds
+        self.huge_bytes = huge_bytes
         self.models: dict[str, ModelSpec] = dict(MODELS)
         self.rng = random.Random(seed)
 
@@ -243,6 +258,8 @@ class FakeBFL:
         """Every request for an image on the delivery host, whatever the answer."""
         self.duplicate_submits = 0
         """Accepted submits whose model and JSON body equal an earlier accepted one."""
+        self.held = 0
+        """Requests handled and then held without an answer (the "hold" fault)."""
         self.peak_in_flight: dict[str, int] = dict.fromkeys(self.limits, 0)
         self.keys_seen: dict[str, list[str | None]] = {"api": [], "polling": [], "delivery": []}
         """Per host kind, the `x-key` header of each request (None if absent)."""
@@ -409,6 +426,11 @@ class FakeBFL:
         - "malformed": handle it, answer with invalid JSON (a download: a body that is not an
           image).
         - "expired" (downloads only): answer 403 as for an expired signed URL.
+        - "hold": handle it (a submit creates its task), then never answer: the client is
+          left inside the submit window. `held` counts them.
+        - "huge": handle it and pad a JSON answer with `huge_bytes` of an extra field.
+        - "incomplete": handle it and answer JSON with every field but `id` left out.
+        - "unknown_status" (polls only): answer a status the API does not document.
         """
         if kind not in self._faults:
             raise ValueError(f"unknown request kind {kind!r}")
@@ -416,6 +438,8 @@ class FakeBFL:
             raise ValueError(f"unknown fault {fault!r}")
         if fault == "expired" and kind != "download":
             raise ValueError('the "expired" fault applies to downloads only')
+        if fault == "unknown_status" and kind != "poll":
+            raise ValueError('the "unknown_status" fault applies to polls only')
         if count < 1:
             raise ValueError("count must be at least 1")
         self._faults[kind].extend([fault] * count)
@@ -667,7 +691,12 @@ class FakeBFL:
         if fault == "expired":
             return _auth_failed(_expired_detail(time.time() - 1))
         response = handle()
-        if fault == "drop_after":
+        if fault == "hold":
+            self.held += 1
+            response.delay = math.inf
+        elif fault in ("huge", "incomplete", "unknown_status"):
+            _spoil_json(response, fault, self.huge_bytes)
+        elif fault == "drop_after":
             response.drop = True
         elif fault == "truncate":
             response.truncate = True
@@ -682,6 +711,22 @@ class FakeBFL:
 
 
 # -- answers -----------------------------------------------------------------------------
+
+
+def _spoil_json(response: Response, fault: Fault, huge_bytes: int) -> None:
+    """Rewrite a JSON answer as `fault` says; other answers are left alone."""
+    if response.content_type != "application/json":
+        return
+    data = json.loads(b"".join(response.parts))
+    if not isinstance(data, dict):
+        return
+    if fault == "huge":
+        data["padding"] = "x" * huge_bytes
+    elif fault == "incomplete":
+        data = {"id": data["id"]} if "id" in data else {}
+    else:
+        data.update(status="Generating", result=None)
+    response.body = json.dumps(data).encode()
 
 
 def _not_found() -> Response:

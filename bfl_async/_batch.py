@@ -1,0 +1,675 @@
+"""Batches of many jobs that survive crashes: a journal, resume, a budget and a manifest.
+
+`client.batch(jobs, output_dir)` records every job in a SQLite journal next to the images
+(`_journal.py`) before each step, so running the same batch again resumes it: finished jobs
+are skipped, paid tasks are watched and downloaded (never submitted again), and a job whose
+submit may or may not have reached BFL is reported `uncertain` and left alone unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
+
+from ._catalog import ModelSpec, price
+from ._download import IMAGE_SUFFIXES, check_file_name, url_expiry
+from ._errors import (
+    BFLError,
+    BudgetExceededError,
+    GenerationError,
+    ModerationError,
+    OutputExistsError,
+    ParameterError,
+    Problem,
+    ResultExpiredError,
+    SubmissionUncertainError,
+    TaskNotFoundError,
+)
+from ._journal import JOURNAL_NAME, JobRow, JobState, Journal
+from ._models import Result, Task
+from ._requests import build_request
+
+if TYPE_CHECKING:
+    from ._client import AsyncBFL, _Watch
+
+__all__ = ["MANIFEST_NAME", "Batch", "JobRecord", "JobState", "job_key"]
+
+logger = logging.getLogger("bfl_async")
+
+MANIFEST_NAME = "manifest.json"
+_SECRET_PARAMS = frozenset({"webhook_secret"})
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+# Task errors that end a job for good: the task is paid and nothing more will come of it.
+_FINAL_TASK_ERRORS = (ModerationError, GenerationError, TaskNotFoundError)
+
+
+def job_key(model: str, params: Mapping[str, Any], name: str | None = None) -> str:
+    """A job's stable identity: `name:<name>`, else a hash of its model and parameters.
+
+    Secrets (`webhook_secret`) are left out, so rotating one does not make a new job.
+    """
+    if name is not None:
+        return f"name:{name}"
+    public = {k: v for k, v in params.items() if k not in _SECRET_PARAMS}
+    text = json.dumps([model, public], sort_keys=True, default=str, ensure_ascii=False)
+    return "hash:" + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Where one job of a batch stands: its state and, once known, its task, image or error."""
+
+    index: int
+    """The job's position in the jobs given to `client.batch`."""
+    key: str
+    name: str | None
+    model: str
+    state: JobState
+    """`downloaded` (done), `failed`, `uncertain`, `skipped` (budget), `expired`; or, when
+    the batch stopped early, `queued` (never sent), `submitted` or `ready` (paid, resumable)."""
+    estimate: float
+    """The catalog's price in credits (1 credit = 1 US cent)."""
+    task: Task | None = None
+    cost: float | None = None
+    """Credits BFL charged (its submit answer; the estimate when it reports none)."""
+    path: Path | None = None
+    seed: int | None = None
+    error: str | None = None
+    """`ErrorType: message` when the job failed, or a resumable step went wrong."""
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+    """The typed error raised in this run, if any."""
+    previous: bool = False
+    """True when the job had already ended in an earlier run of the batch."""
+    listed: bool = True
+    """False for a job no longer in the list whose task an earlier run paid for: it is
+    still watched and saved (its `index` then follows the listed jobs')."""
+
+    @property
+    def ok(self) -> bool:
+        """True when the image is saved."""
+        return self.state == "downloaded"
+
+    @property
+    def error_type(self) -> str | None:
+        """The name of the error class, e.g. `ModerationError`."""
+        return None if self.error is None else self.error.partition(":")[0]
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The job as the manifest lists it."""
+        return {
+            "index": self.index,
+            "key": self.key,
+            "name": self.name,
+            "model": self.model,
+            "state": self.state,
+            "task_id": None if self.task is None else self.task.id,
+            "estimate": self.estimate,
+            "cost": self.cost,
+            "path": None if self.path is None else str(self.path),
+            "seed": self.seed,
+            "listed": self.listed,
+            "error_type": self.error_type,
+            "error": self.error,
+        }
+
+
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _Stopped(Exception):
+    """The batch is stopping: this submit must not go out."""
+
+
+@dataclass(eq=False)
+class _Job:
+    """A runnable job and its state in this run."""
+
+    index: int
+    key: str
+    name: str | None
+    spec: ModelSpec | None
+    """None for a paid job no longer listed: it is followed, never submitted."""
+    body: dict[str, Any]
+    params: dict[str, Any]
+    estimate: float
+    record: JobRecord
+    attempts: int = 0
+    reserved: bool = False
+    sample: str | None = None
+    """The signed result URL an earlier run saw, for a job found `ready`."""
+    was_ready: bool = False
+    """An earlier run began downloading it: a file of its name there is its own image."""
+    scope: anyio.CancelScope | None = None
+
+
+class Batch:
+    """A resumable batch of jobs; create it with `client.batch(...)`.
+
+    ```
+    async with client.batch(jobs, "out/", max_cost=500) as batch:
+        async for record in batch:
+            print(record.key, record.state)
+    print(batch.spent, "credits")
+    ```
+    Iterating runs the batch and yields each job as it ends (jobs already finished in an
+    earlier run come first). `stop()` stops new submits; leaving the block writes
+    `manifest.json` next to the images.
+    """
+
+    journal_name: ClassVar[str] = JOURNAL_NAME
+    """The journal's file name in the output directory."""
+    manifest_name: ClassVar[str] = MANIFEST_NAME
+
+    def __init__(
+        self,
+        client: AsyncBFL,
+        jobs: Iterable[Mapping[str, Any]],
+        output_dir: str | os.PathLike[str],
+        *,
+        max_cost: float | None = None,
+        resubmit_uncertain: bool = False,
+        overwrite: bool = False,
+        timeout: float | None = None,
+        journal: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if max_cost is not None and not max_cost >= 0:
+            raise ValueError(f"max_cost must be a number of credits >= 0, not {max_cost!r}")
+        self._client = client
+        self._requests = [dict(job) for job in jobs]
+        self.output_dir = Path(output_dir)
+        self.journal_path = Path(journal) if journal is not None else self.output_dir / JOURNAL_NAME
+        self.manifest_path = self.output_dir / MANIFEST_NAME
+        self.max_cost = max_cost
+        self._resubmit_uncertain = resubmit_uncertain
+        self._overwrite = overwrite
+        self._timeout = timeout
+        self._journal: Journal | None = None
+        self._records: list[JobRecord] = []
+        self._finished_early: list[JobRecord] = []
+        self._to_download: list[_Job] = []
+        self._to_attach: list[_Job] = []
+        self._to_submit: list[_Job] = []
+        self._follow_scopes: set[anyio.CancelScope] = set()
+        self._stopping = False
+        self._deadline = math.inf
+        self._started = False
+        self._finished: anyio.Event | None = None
+        self._spent = 0.0
+        self._at_risk = 0.0
+        self._reserved = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Batch {len(self._requests)} jobs -> {str(self.output_dir)!r}>"
+
+    # --- what a caller reads ----------------------------------------------------------
+
+    @property
+    def records(self) -> list[JobRecord]:
+        """Every job's latest record, in the order the jobs were given."""
+        return list(self._records)
+
+    @property
+    def estimated(self) -> float:
+        """The catalog's price of every valid job, in credits."""
+        return round(sum(r.estimate for r in self._records), 4)
+
+    @property
+    def spent(self) -> float:
+        """Credits BFL charged for this batch's tasks, over every run."""
+        return round(self._spent, 4)
+
+    @property
+    def at_risk(self) -> float:
+        """Estimated credits of `uncertain` jobs: they may or may not have been charged."""
+        return round(self._at_risk, 4)
+
+    @property
+    def stopping(self) -> bool:
+        """True once `stop()` was called."""
+        return self._stopping
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs are in each state."""
+        counts: dict[str, int] = {}
+        for record in self._records:
+            counts[record.state] = counts.get(record.state, 0) + 1
+        return counts
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> Batch:
+        self._journal = await Journal.open(self.journal_path)
+        try:
+            await self._plan()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._journal.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._finished is not None and not self._finished.is_set():
+                # Left while jobs still run (an error in the loop's body): end them first,
+                # so every step they are taking is journaled before the journal closes.
+                self.stop(grace=0)
+                await self._finished.wait()
+            await self.write_manifest()
+            assert self._journal is not None
+            await self._journal.aclose()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Send no more submits, at once; jobs already paid for keep being watched.
+
+        With `grace`, watching stops after that many seconds (0: now); what is still in
+        flight then stays `submitted` in the journal, and the next run picks it up.
+        """
+        self._stopping = True
+        for job in self._to_submit:
+            if job.scope is not None and job.record.task is None:
+                job.scope.cancel()
+        if grace is not None:
+            self._deadline = min(self._deadline, anyio.current_time() + max(0.0, grace))
+            for scope in self._follow_scopes:
+                scope.deadline = min(scope.deadline, self._deadline)
+
+    # --- planning: what each job needs, from the journal ------------------------------
+
+    async def _plan(self) -> None:
+        assert self._journal is not None
+        known = await self._journal.load()
+        jobs: list[_Job] = []
+        names: set[str] = set()
+        seen: dict[str, int] = {}
+        for index, request in enumerate(self._requests):
+            params = dict(request)
+            model = params.pop("model", None)
+            name = params.pop("name", None)
+            try:
+                spec, body = self._validate(model, name, params, names)
+            except BFLError as exc:
+                record = JobRecord(
+                    index, "", name if isinstance(name, str) else None, str(model), "failed",
+                    0.0, error=_describe(exc), exception=exc,
+                )  # fmt: skip
+                self._records.append(record)
+                self._finished_early.append(record)
+                continue
+            key = job_key(spec.name, params, name)
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] > 1:  # the same request twice: two images, two keys
+                key = f"{key}#{seen[key]}"
+            estimate = price(spec, body)
+            record = JobRecord(index, key, name, spec.name, "queued", estimate)
+            jobs.append(_Job(index, key, name, spec, body, params, estimate, record))
+            self._records.append(record)
+        await self._journal.add(
+            JobRow(j.key, j.index, j.name, j.record.model, j.estimate, "queued")
+            for j in jobs
+            if j.key not in known
+        )
+        for job in jobs:
+            row = known.get(job.key)
+            if row is None:
+                self._to_submit.append(job)
+            else:
+                await self._resume(job, row)
+        # Paid tasks of jobs since removed from (or edited in) the list: still followed and
+        # saved, so editing the list never loses an image already paid for.
+        listed = {job.key for job in jobs}
+        for row in sorted(known.values(), key=lambda row: row.position):
+            if row.key in listed or row.state not in ("submitted", "ready") or not row.task:
+                continue
+            index = len(self._records)
+            record = JobRecord(
+                index, row.key, row.name, row.model, row.state, row.estimate, listed=False
+            )
+            self._records.append(record)
+            await self._resume(
+                _Job(index, row.key, row.name, None, {}, {}, row.estimate, record), row
+            )
+
+    def _validate(
+        self, model: Any, name: Any, params: dict[str, Any], names: set[str]
+    ) -> tuple[ModelSpec, dict[str, Any]]:
+        if not isinstance(model, str):
+            raise ParameterError(str(model), [Problem("model", "missing", "a model name")])
+        spec, body = build_request(model, params)
+        if name is not None:
+            if not isinstance(name, str):
+                raise ParameterError(
+                    model, [Problem("name", f"{name!r} is not a string", "a file name")]
+                )
+            check_file_name(model, name)
+            if name in names:
+                raise ParameterError(
+                    model, [Problem("name", f"{name!r} is used twice", "unique names")]
+                )
+            names.add(name)
+        return spec, body
+
+    async def _resume(self, job: _Job, row: JobRow) -> None:
+        """Decide what a job the journal knows needs now."""
+        task = Task.model_validate_json(row.task) if row.task else None
+        if task is not None:
+            self._spent += row.cost if row.cost is not None else job.estimate
+        record = replace(
+            job.record,
+            state=row.state,
+            task=task,
+            cost=row.cost,
+            path=Path(row.path) if row.path else None,
+            seed=int(row.seed) if row.seed else None,
+            error=row.error,
+            previous=True,
+        )
+        job.attempts = row.attempts
+        job.sample = row.sample
+        job.record = record
+        self._records[job.index] = record
+        state = row.state
+        if state in ("submitting", "uncertain"):
+            if self._resubmit_uncertain:
+                logger.warning("resubmitting job %s, whose earlier submit is uncertain", job.key)
+                self._to_submit.append(job)
+                return
+            self._at_risk += job.estimate
+            await self._set(job, "uncertain", previous=True, error=row.error or (
+                "SubmissionUncertainError: the batch stopped while this job's submit was on "
+                "its way; BFL may or may not have created (and charged for) a task. Check "
+                "your dashboard, then rerun with resubmit_uncertain=True to submit it again"
+            ))  # fmt: skip
+            self._finished_early.append(job.record)
+        elif state == "submitted" and task is not None:
+            self._to_attach.append(job)
+        elif state == "ready" and task is not None:
+            job.was_ready = True
+            self._to_download.append(job)
+        elif (state == "failed" and task is None) or state in ("queued", "skipped"):
+            self._to_submit.append(job)  # nothing was paid: try again
+        else:  # downloaded, expired, failed with a paid task
+            self._finished_early.append(record)
+
+    # --- running ----------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncGenerator[JobRecord, None]:
+        return self._run()
+
+    async def _run(self) -> AsyncGenerator[JobRecord, None]:
+        if self._journal is None:
+            raise RuntimeError("use the batch as `async with client.batch(...) as batch:`")
+        if self._started:
+            raise RuntimeError("a batch runs once; create a new one to run it again")
+        self._started = True
+        tg = self._client._task_group()
+        send, receive = anyio.create_memory_object_stream[JobRecord](max_buffer_size=math.inf)
+        for record in self._finished_early:
+            send.send_nowait(record)
+        finished = self._finished = anyio.Event()
+
+        async def run_all() -> None:
+            try:
+                async with send, anyio.create_task_group() as jobs_tg:
+                    # Ready results first (their URLs expire), then paid tasks take their
+                    # slots (claimed now, ahead of any new submit), then new submits.
+                    for job in self._to_download:
+                        jobs_tg.start_soon(self._download_ready, job, send)
+                    for job in self._to_attach:
+                        assert job.record.task is not None
+                        watch = self._client._attach(job.record.task)
+                        jobs_tg.start_soon(self._follow, job, watch, send)
+                    for job in self._to_submit:
+                        job.scope = anyio.CancelScope()
+                        jobs_tg.start_soon(self._submit, job, send)
+            finally:
+                finished.set()
+
+        tg.start_soon(run_all)
+        try:
+            async with receive:
+                async for record in receive:
+                    yield record
+        finally:
+            if not finished.is_set():  # the caller stopped iterating early
+                self.stop(grace=0)
+            with anyio.CancelScope(shield=True):
+                await finished.wait()
+
+    async def _set(self, job: _Job, state: JobState, **values: Any) -> None:
+        """Journal the job's new state, then reflect it in its record."""
+        assert self._journal is not None
+        exception = values.pop("exception", None)
+        previous = values.pop("previous", False)
+        journal = {k: v for k, v in values.items() if k not in ("path", "seed")}
+        if "path" in values:
+            journal["path"] = str(values["path"])
+        if values.get("seed") is not None:
+            journal["seed"] = str(values["seed"])
+        await self._journal.update(job.key, state=state, **journal)
+        record_values = {k: v for k, v in values.items() if k in ("cost", "path", "seed", "error")}
+        job.record = replace(
+            job.record, state=state, exception=exception, previous=previous, **record_values
+        )
+        self._records[job.index] = job.record
+
+    async def _end(
+        self, job: _Job, send: MemoryObjectSendStream[JobRecord], state: JobState, **values: Any
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._set(job, state, **values)
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            send.send_nowait(job.record)
+
+    async def _submit(self, job: _Job, send: MemoryObjectSendStream[JobRecord]) -> None:
+        assert job.scope is not None and job.spec is not None
+        watch: _Watch | None = None
+        failure: tuple[JobState, BaseException] | None = None
+        with job.scope:
+            try:
+                if self._stopping:
+                    raise _Stopped
+                self._check_output(job)
+                watch, _, _ = await self._client._submit(
+                    job.spec.name,
+                    job.spec.pool,
+                    job.body,
+                    job.params,
+                    functools.partial(self._accepted, job),
+                    before_send=functools.partial(self._before_send, job),
+                )
+            except _Stopped:
+                pass
+            except SubmissionUncertainError as exc:
+                self._unreserve(job)
+                self._at_risk += job.estimate
+                failure = ("uncertain", exc)
+            except BudgetExceededError as exc:
+                failure = ("skipped", exc)
+            except Exception as exc:
+                self._unreserve(job)
+                failure = ("failed", exc)
+        if failure is not None:
+            state, error = failure
+            await self._end(job, send, state, error=_describe(error), exception=error)
+        elif watch is None:  # stopped before it was sent
+            self._unreserve(job)
+            await self._end(job, send, "queued")
+        else:
+            await self._follow(job, watch, send)
+
+    def _check_output(self, job: _Job) -> None:
+        if job.name is None or self._overwrite:
+            return
+        for suffix in IMAGE_SUFFIXES:
+            path = self.output_dir / f"{job.name}{suffix}"
+            if path.exists():
+                raise OutputExistsError(str(path))
+
+    async def _before_send(self, job: _Job) -> None:
+        """Right before each POST of `job`: the budget, then the journal's `submitting`."""
+        if self._stopping:
+            raise _Stopped
+        if not job.reserved:
+            committed = self._spent + self._at_risk + self._reserved
+            if self.max_cost is not None and committed + job.estimate > self.max_cost + 1e-9:
+                raise BudgetExceededError(
+                    f"job {job.key} ({job.estimate:g} credits) was not submitted: with "
+                    f"{committed:g} credits spent or in flight it would pass the budget of "
+                    f"{self.max_cost:g} credits. Nothing was paid; rerun with a larger budget",
+                    estimate=job.estimate,
+                    spent=committed,
+                    max_cost=self.max_cost,
+                )
+            self._reserved += job.estimate
+            job.reserved = True
+        job.attempts += 1
+        assert self._journal is not None
+        await self._journal.update(job.key, state="submitting", attempts=job.attempts)
+
+    def _unreserve(self, job: _Job) -> None:
+        if job.reserved:
+            self._reserved -= job.estimate
+            job.reserved = False
+
+    async def _accepted(self, job: _Job, task: Task) -> None:
+        """BFL accepted the submit: journal the paid handle before anything else."""
+        self._unreserve(job)
+        cost = task.cost if task.cost is not None else job.estimate
+        self._spent += cost
+        job.record = replace(job.record, task=task)
+        await self._set(job, "submitted", task=task.model_dump_json(), cost=cost, error=None)
+
+    async def _follow(
+        self, job: _Job, watch: _Watch, send: MemoryObjectSendStream[JobRecord]
+    ) -> None:
+        """Watch a paid task to its end and download its image."""
+        task = watch.task
+        scope = anyio.CancelScope(deadline=self._deadline)
+        self._follow_scopes.add(scope)
+        try:
+            with scope:
+                try:
+                    if self._timeout is None:
+                        result = await self._client.wait(task)
+                    else:
+                        result = await self._client.wait(task, timeout=self._timeout)
+                except _FINAL_TASK_ERRORS as exc:
+                    await self._end(job, send, "failed", error=_describe(exc), exception=exc)
+                    return
+                except Exception as exc:
+                    # Still paid and perhaps still running (timeout, key revoked...): kept
+                    # `submitted`, so the next run watches it again.
+                    await self._end(job, send, "submitted", error=_describe(exc), exception=exc)
+                    return
+                with anyio.CancelScope(shield=True):
+                    await self._set(job, "ready", sample=result.sample, seed=result.seed)
+                await self._download(job, result, send)
+        finally:
+            self._follow_scopes.discard(scope)
+        if scope.cancelled_caught:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                send.send_nowait(job.record)
+
+    async def _download_ready(self, job: _Job, send: MemoryObjectSendStream[JobRecord]) -> None:
+        """A task found Ready in an earlier run: download it from its saved URL if still
+        valid, else ask BFL again for a fresh one."""
+        task = job.record.task
+        assert task is not None
+        expiry = url_expiry(job.sample) if job.sample else 0.0
+        if job.sample is None or (expiry is not None and expiry <= time.time()):
+            await self._follow(job, self._client._attach(task), send)
+            return
+        result = Result(task=task, sample=job.sample, ready_at=time.time())
+        scope = anyio.CancelScope(deadline=self._deadline)
+        self._follow_scopes.add(scope)
+        try:
+            with scope:
+                await self._download(job, result, send)
+        finally:
+            self._follow_scopes.discard(scope)
+        if scope.cancelled_caught:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                send.send_nowait(job.record)
+
+    async def _download(
+        self, job: _Job, result: Result, send: MemoryObjectSendStream[JobRecord]
+    ) -> None:
+        try:
+            path = await self._client.download(
+                result, self.output_dir, name=self._file_name(job, result.task),
+                overwrite=self._overwrite or job.was_ready,
+            )  # fmt: skip
+        except ResultExpiredError as exc:
+            await self._end(job, send, "expired", error=_describe(exc), exception=exc)
+        except (BFLError, OSError) as exc:
+            # Paid and Ready: kept `ready`, so the next run tries the download again.
+            await self._end(job, send, "ready", error=_describe(exc), exception=exc)
+        else:
+            await self._end(job, send, "downloaded", path=path, error=None)
+
+    @staticmethod
+    def _file_name(job: _Job, task: Task) -> str:
+        """The job's name, else the task id when it is a safe file name (it comes from the
+        server), else a name derived from it."""
+        if job.name is not None:
+            return job.name
+        if _SAFE_ID.fullmatch(task.id):
+            return task.id
+        return "task-" + hashlib.sha256(task.id.encode()).hexdigest()[:20]
+
+    # --- the manifest -----------------------------------------------------------------
+
+    def manifest(self) -> dict[str, Any]:
+        """Every job and its outcome, with the batch's totals: what manifest.json holds."""
+        return {
+            "output_dir": str(self.output_dir),
+            "journal": str(self.journal_path),
+            "summary": {
+                "jobs": len(self._records),
+                "states": self.counts(),
+                "estimated_credits": self.estimated,
+                "spent_credits": self.spent,
+                "uncertain_credits": self.at_risk,
+                "max_cost": self.max_cost,
+            },
+            "jobs": [record.manifest_entry() for record in self._records],
+        }
+
+    async def write_manifest(self) -> Path:
+        """Write manifest.json next to the images, atomically; return its path."""
+        text = json.dumps(self.manifest(), indent=2, ensure_ascii=False) + "\n"
+        await anyio.to_thread.run_sync(_write_atomic, self.manifest_path, text)
+        return self.manifest_path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)

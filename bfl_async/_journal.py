@@ -1,0 +1,196 @@
+"""A batch's journal: one SQLite row per job, written before each step it guards.
+
+The journal is what makes a batch safe to kill: a job is marked `submitting` before its POST
+goes out and `submitted` (with the task handle) the moment BFL answers, so a rerun knows
+which jobs are paid for, which are certainly not, and which nobody can know (`submitting`
+left behind: BFL has no idempotency key). WAL mode with full sync: a committed step survives
+a killed process and a power cut.
+
+Every call is a short transaction run in a worker thread, one at a time, so the event loop
+never waits on the disk; it works under asyncio and trio alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
+
+import anyio
+import anyio.to_thread
+
+__all__ = ["JOURNAL_NAME", "JobRow", "JobState", "Journal"]
+
+JOURNAL_NAME = "bfl-batch.sqlite"
+
+JobState = Literal[
+    "queued",  # known, nothing sent
+    "submitting",  # the POST may be on its way: outcome unknown if found after a crash
+    "submitted",  # BFL accepted it: `task` holds the paid handle
+    "ready",  # the task is Ready: `sample` holds its signed URL, not yet downloaded
+    "downloaded",  # the image is at `path`
+    "failed",  # ended without an image; `error_type` and `error` say why
+    "uncertain",  # the submit may or may not have created a task: never resent silently
+    "skipped",  # not submitted: it would have taken the batch past its budget
+    "expired",  # the result URL expired before it could be downloaded
+]
+STATES: tuple[str, ...] = get_args(JobState)
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    key TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,
+    name TEXT,
+    model TEXT NOT NULL,
+    estimate REAL NOT NULL,
+    state TEXT NOT NULL,
+    task TEXT,
+    cost REAL,
+    sample TEXT,
+    seed TEXT,
+    path TEXT,
+    error_type TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job as the journal holds it."""
+
+    key: str
+    position: int
+    name: str | None
+    model: str
+    estimate: float
+    state: JobState
+    task: str | None = None
+    """The Task handle as JSON, once BFL accepted the submit."""
+    cost: float | None = None
+    sample: str | None = None
+    seed: str | None = None
+    """The image's seed, as text: seeds may not fit SQLite's integers."""
+    path: str | None = None
+    error_type: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    """How many times a submit of this job was started."""
+    updated_at: float = 0.0
+
+
+_COLUMNS = tuple(f.name for f in fields(JobRow))
+_UPDATABLE = frozenset(_COLUMNS) - {"key", "position", "name", "model", "estimate"}
+
+
+class Journal:
+    """The SQLite journal of one batch; open it with `await Journal.open(path)`."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+        self._lock = threading.Lock()
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def __repr__(self) -> str:
+        return f"Journal({str(self.path)!r})"
+
+    @classmethod
+    async def open(cls, path: Path) -> Journal:
+        """Open (or create) the journal at `path`."""
+        return await anyio.to_thread.run_sync(cls._open_sync, path)
+
+    @classmethod
+    def _open_sync(cls, path: Path) -> Journal:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(_SCHEMA)
+        except sqlite3.Error:
+            db.close()
+            raise
+        return cls(db, path)
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        # Not cancellable: once a step is being recorded, it is recorded.
+        return await anyio.to_thread.run_sync(
+            functools.partial(self._locked, function, *args), limiter=self._limiter
+        )
+
+    def _locked(self, function: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            return function(*args)
+
+    async def load(self) -> dict[str, JobRow]:
+        """Every job the journal knows, by key."""
+        return await self._run(self._load)
+
+    def _load(self) -> dict[str, JobRow]:
+        cursor = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs")
+        rows = [JobRow(**dict(zip(_COLUMNS, values, strict=True))) for values in cursor]
+        return {row.key: row for row in rows}
+
+    async def add(self, rows: Iterable[JobRow]) -> None:
+        """Record new jobs (in one transaction); keys already known are left as they are."""
+        await self._run(self._add, list(rows))
+
+    def _add(self, rows: list[JobRow]) -> None:
+        now = time.time()
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        with self._transaction():
+            self._db.executemany(
+                f"INSERT OR IGNORE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                [
+                    tuple(now if c == "updated_at" else getattr(row, c) for c in _COLUMNS)
+                    for row in rows
+                ],
+            )
+
+    async def update(self, key: str, **values: Any) -> None:
+        """Change some fields of one job (state, task, cost, sample, path, error...)."""
+        unknown = set(values) - _UPDATABLE
+        if unknown:
+            raise ValueError(f"not journal fields: {', '.join(sorted(unknown))}")
+        state = values.get("state")
+        if state is not None and state not in STATES:
+            raise ValueError(f"unknown job state {state!r}")
+        await self._run(self._update, key, values)
+
+    def _update(self, key: str, values: dict[str, Any]) -> None:
+        values = {**values, "updated_at": time.time()}
+        assignments = ", ".join(f"{column} = ?" for column in values)
+        with self._transaction():
+            self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE key = ?", (*values.values(), key)
+            )
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    async def aclose(self) -> None:
+        """Close the database (every step is already committed)."""
+        await self._run(self._db.close)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,370 @@
+"""The batch API: journal, resume, budgets, the manifest and what never leaks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from bfl_async import (
+    AsyncBFL,
+    Backoff,
+    Batch,
+    BudgetExceededError,
+    ParameterError,
+    Task,
+)
+from bfl_async._batch import _Job, job_key
+from bfl_async._journal import JobRow, Journal
+from bfl_async.testing import FakeBFL
+
+pytestmark = pytest.mark.anyio
+BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+KEY = "batch-test-key-SECRET-0c4f1e"
+
+
+def jobs(count: int, **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {"model": "flux-2-klein-4b", "prompt": f"job {n}", "width": 256, "height": 256, **extra}
+        for n in range(count)
+    ]
+
+
+def client_for(fake: FakeBFL, **kwargs: Any) -> AsyncBFL:
+    options: dict[str, Any] = {
+        "api_key": fake.api_key,
+        "http_client": fake.client(),
+        "poll_schedule": Backoff(initial=0.005, factor=1.5, maximum=0.01, jitter=0.1),
+        "retry_base_delay": 0.005,
+        "poll_rate": None,
+        "close_grace": 0.0,
+    }
+    return AsyncBFL(**{**options, **kwargs})
+
+
+async def run(fake: FakeBFL, out: Path, job_list: list[dict[str, Any]], **options: Any) -> Batch:
+    async with client_for(fake) as client, client.batch(job_list, out, **options) as batch:
+        async for _ in batch:
+            pass
+    return batch
+
+
+def never(model: str, rng: random.Random) -> float:
+    return 3600.0
+
+
+@BOTH
+async def test_a_batch_runs_every_job_and_a_rerun_pays_nothing(tmp_path: Path) -> None:
+    fake = FakeBFL(api_key=KEY, generation_time=0.01)
+    first = await run(
+        fake, tmp_path, [*jobs(5), {"model": "flux-2-pro", "prompt": "x", "name": "n"}]
+    )
+    assert first.counts() == {"downloaded": 6}
+    assert (tmp_path / "n.jpg").is_file()
+    assert first.spent == first.estimated == 5 * 1.4 + 3.0
+    polls = fake.polls
+    again = await run(
+        fake, tmp_path, [*jobs(5), {"model": "flux-2-pro", "prompt": "x", "name": "n"}]
+    )
+    assert fake.submits == 6 and fake.polls == polls and fake.downloads == 6
+    assert all(r.previous and r.ok for r in again.records)
+    assert again.spent == first.spent
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["summary"]["states"] == {"downloaded": 6}
+    assert manifest["summary"]["spent_credits"] == 10.0
+    assert [job["index"] for job in manifest["jobs"]] == list(range(6))
+
+
+async def test_editing_the_job_list_runs_only_what_changed(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    await run(fake, tmp_path, jobs(4))
+    edited = jobs(4)
+    edited[2]["prompt"] = "something else"
+    batch = await run(fake, tmp_path, edited)
+    assert fake.submits == 5
+    assert [r.previous for r in batch.records] == [True, True, False, True]
+
+
+@pytest.fixture
+def never_fake() -> FakeBFL:
+    return FakeBFL(generation_time=never, limits={"standard": 4})
+
+
+async def test_stop_keeps_paid_tasks_submitted_and_the_next_run_attaches_them_first(
+    never_fake: FakeBFL, tmp_path: Path
+) -> None:
+    fake = never_fake
+    seen: list[str] = []
+    async with (
+        client_for(fake, limits={"standard": 4}) as client,
+        client.batch(jobs(10), tmp_path) as batch,
+    ):
+
+        async def stop_when_full() -> None:
+            while fake.submits < 4:
+                await anyio.sleep(0.005)
+            batch.stop(grace=0.05)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_when_full)
+            async for record in batch:
+                seen.append(record.state)
+    assert batch.stopping
+    assert batch.counts() == {"submitted": 4, "queued": 6}
+    assert sorted(seen) == ["queued"] * 6 + ["submitted"] * 4
+    assert fake.submits == 4
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["summary"]["states"] == {"submitted": 4, "queued": 6}
+    # The next run: the 4 paid tasks take their slots before any new submit, so a full
+    # account never answers 429; nothing is submitted twice.
+    for task in fake.tasks.values():  # still running on BFL's side for a moment
+        task.ends_at = time.monotonic() + 0.2
+    fake.generation_time = 0.01
+    async with (
+        client_for(fake, limits={"standard": 4}) as client,
+        client.batch(jobs(10), tmp_path) as batch,
+    ):
+        async for _ in batch:
+            pass
+    assert batch.counts() == {"downloaded": 10}
+    assert fake.submits == 10 and fake.duplicate_submits == 0
+    assert fake.rate_limited == 0
+
+
+async def test_leaving_the_loop_early_stops_the_batch(never_fake: FakeBFL, tmp_path: Path) -> None:
+    fake = never_fake
+    fake.fail_next("submit", "500")  # the first job ends at once: uncertain
+    async with client_for(fake) as client, client.batch(jobs(6), tmp_path) as batch:
+        async for record in batch:
+            assert record.state == "uncertain"
+            break
+    assert batch.stopping
+    assert set(batch.counts()) <= {"uncertain", "submitted", "queued"}
+
+
+async def test_the_budget_counts_spent_and_in_flight_credits(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    batch = await run(fake, tmp_path, jobs(6), max_cost=5.0)  # 1.4 credits each
+    assert batch.counts() == {"downloaded": 3, "skipped": 3}
+    assert fake.submits == 3 and batch.spent == pytest.approx(4.2)
+    for record in batch.records:
+        if record.state == "skipped":
+            assert isinstance(record.exception, BudgetExceededError)
+            assert record.exception.max_cost == 5.0 and record.task is None
+    # Across runs: what earlier runs spent counts.
+    batch = await run(fake, tmp_path, jobs(6), max_cost=6.9)
+    assert batch.counts() == {"downloaded": 4, "skipped": 2}
+    batch = await run(fake, tmp_path, jobs(6), max_cost=7.0)  # exactly 5 jobs' worth
+    assert batch.counts() == {"downloaded": 5, "skipped": 1}
+    batch = await run(fake, tmp_path, jobs(6))
+    assert batch.counts() == {"downloaded": 6} and fake.submits == 6
+    assert batch.spent == pytest.approx(6 * 1.4)
+
+
+async def test_flux1_jobs_count_their_catalog_price(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    job_list = [{"model": "flux-pro-1.1", "prompt": f"p{n}"} for n in range(3)]
+    batch = await run(fake, tmp_path, job_list, max_cost=8.0)
+    assert batch.counts() == {"downloaded": 2, "skipped": 1}
+    assert [r.cost for r in batch.records if r.ok] == [4.0, 4.0]
+
+
+async def test_invalid_jobs_fail_alone_and_names_cannot_escape(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    job_list: list[dict[str, Any]] = [
+        {"model": "flux-2-klein-4b", "prompt": "ok", "name": "fine"},
+        {"model": "flux-2-klein-4b", "prompt": "a", "name": "../escape"},
+        {"model": "flux-2-klein-4b", "prompt": "b", "name": "/etc/passwd"},
+        {"model": "flux-2-klein-4b", "prompt": "c", "name": "bad\x00name"},
+        {"model": "flux-2-klein-4b", "prompt": "d", "name": "fine"},
+        {"model": "flux-2-klein-4b", "prompt": "e", "name": 7},
+        {"prompt": "no model"},
+        {"model": "flux-2-klein-4b", "prompt": "f", "width": 3},
+    ]
+    batch = await run(fake, tmp_path / "out", job_list)
+    assert [r.state for r in batch.records] == ["downloaded"] + ["failed"] * 7
+    assert all(isinstance(r.exception, ParameterError) for r in batch.records[1:])
+    assert fake.submits == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unnamed_files_never_take_a_path_from_the_server() -> None:
+    job = _Job(0, "k", None, None, {}, {}, 0.0, None)  # type: ignore[arg-type]
+    for task_id in ("../../etc/passwd", "/abs", "a/b", "..", "x" * 300, "bad\nname", ""):
+        task = Task(id=task_id, polling_url="https://api.bfl.ai/x", model="flux-2-pro")
+        name = Batch._file_name(job, task)
+        assert name.startswith("task-") and "/" not in name and len(name) < 40
+    task = Task(id="0f3c-ab_9", polling_url="https://api.bfl.ai/x", model="flux-2-pro")
+    assert Batch._file_name(job, task) == "0f3c-ab_9"
+
+
+def test_job_keys_are_stable_and_leave_secrets_out() -> None:
+    params = {"prompt": "a fox", "webhook_url": "https://x", "webhook_secret": "s1"}
+    key = job_key("flux-2-pro", params)
+    assert key.startswith("hash:") and key == job_key("flux-2-pro", dict(reversed(params.items())))
+    assert key == job_key("flux-2-pro", {**params, "webhook_secret": "rotated"})
+    assert key != job_key("flux-2-max", params)
+    assert key != job_key("flux-2-pro", {**params, "prompt": "a wolf"})
+    assert job_key("flux-2-pro", params, "fox") == "name:fox"
+
+
+async def test_the_same_request_twice_is_two_jobs(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    batch = await run(fake, tmp_path, jobs(1) * 2)
+    assert [r.key.endswith("#2") for r in batch.records] == [False, True]
+    assert fake.submits == 2
+    await run(fake, tmp_path, jobs(1) * 2)
+    assert fake.submits == 2
+
+
+async def test_the_key_never_reaches_journal_manifest_logs_errors_or_reprs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake = FakeBFL(api_key=KEY, generation_time=0.01)
+    fake.fail_next("submit", "drop_after")  # uncertain
+    fake.fail_next("poll", "500")
+    fake.fail_next("download", "malformed")  # refused download
+    async with (
+        client_for(fake) as client,
+        client.batch(jobs(4, webhook_secret="hush-SECRET"), tmp_path) as batch,
+    ):
+        texts = [repr(client), repr(batch)]
+        async for record in batch:
+            texts += [repr(record), str(record.exception), repr(record.exception)]
+            texts.append(json.dumps(record.manifest_entry()))
+    assert {r.state for r in batch.records} >= {"uncertain", "ready", "downloaded"}
+    texts.append(caplog.text)
+    for path in tmp_path.iterdir():
+        texts.append(path.read_bytes().decode("latin-1"))
+    for text in texts:
+        assert KEY not in text
+        assert "hush-SECRET" not in text
+
+
+async def test_the_journal_records_each_step_before_it(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    journal_path = tmp_path / "j.sqlite"
+    steps: list[tuple[str, str]] = []
+
+    def outcome(model: str, body: dict[str, Any]) -> str:
+        # The fake creates the task: the journal must already say "submitting".
+        with sqlite3.connect(journal_path) as db:
+            steps.extend(db.execute("SELECT key, state FROM jobs"))
+        return "Ready"
+
+    fake.outcome = outcome
+    batch = await run(fake, tmp_path, jobs(1), journal=journal_path)
+    assert steps == [(batch.records[0].key, "submitting")]
+    with sqlite3.connect(journal_path) as db:
+        [(mode,)] = db.execute("PRAGMA journal_mode")
+        row = db.execute("SELECT state, task, cost, path, attempts FROM jobs").fetchone()
+    assert mode == "wal"
+    assert row[0] == "downloaded" and Task.model_validate_json(row[1]).cost == 1.4
+    assert row[2] == 1.4 and Path(row[3]).is_file() and row[4] == 1
+
+
+async def test_journal_refuses_unknown_fields_and_states(tmp_path: Path) -> None:
+    journal = await Journal.open(tmp_path / "j.sqlite")
+    try:
+        await journal.add([JobRow("k", 0, None, "flux-2-pro", 3.0, "queued")])
+        await journal.add([JobRow("k", 0, None, "flux-2-pro", 9.0, "failed")])  # ignored
+        with pytest.raises(ValueError, match="not journal fields"):
+            await journal.update("k", model="other")
+        with pytest.raises(ValueError, match="unknown job state"):
+            await journal.update("k", state="paid")
+        rows = await journal.load()
+        assert rows["k"].state == "queued" and rows["k"].estimate == 3.0
+        assert repr(journal) == f"Journal({str(tmp_path / 'j.sqlite')!r})"
+    finally:
+        await journal.aclose()
+
+
+async def test_misuse_is_explained(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    async with client_for(fake) as client:
+        with pytest.raises(ValueError, match="max_cost"):
+            client.batch(jobs(1), tmp_path, max_cost=-1)
+        batch = client.batch(jobs(1), tmp_path)
+        with pytest.raises(RuntimeError, match="async with"):
+            async for _ in batch:
+                pass
+        async with batch:
+            async for _ in batch:
+                pass
+            with pytest.raises(RuntimeError, match="runs once"):
+                async for _ in batch:
+                    pass
+
+
+async def test_an_error_in_the_loop_body_stops_the_batch_and_keeps_the_journal(
+    never_fake: FakeBFL, tmp_path: Path
+) -> None:
+    fake = never_fake
+    fake.fail_next("submit", "500")  # the first job ends at once: uncertain
+    async with client_for(fake) as client:
+        with pytest.raises(RuntimeError, match="boom"):
+            async with client.batch(jobs(6), tmp_path) as batch:
+                async for _ in batch:
+                    raise RuntimeError("boom")
+    assert batch.counts() == {"uncertain": 1, "submitted": 4, "queued": 1}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["summary"]["states"] == batch.counts()
+    # The journal agrees: the next run attaches the 4 paid tasks and submits the last one.
+    fake.finish_now()
+    fake.generation_time = 0.01
+    again = await run(fake, tmp_path, jobs(6))
+    assert again.counts() == {"uncertain": 1, "downloaded": 5}
+    assert fake.submits == 5 and fake.duplicate_submits == 0
+
+
+async def test_an_existing_image_is_not_paid_for_again_and_timeouts_keep_tasks(
+    never_fake: FakeBFL, tmp_path: Path
+) -> None:
+    fake = never_fake
+    (tmp_path / "taken.jpg").write_bytes(b"mine")
+    job_list = [{"model": "flux-2-klein-4b", "prompt": "x", "name": "taken"}, *jobs(1)]
+    batch = await run(fake, tmp_path, job_list, timeout=0.05)
+    first, second = batch.records
+    assert first.state == "failed" and first.error_type == "OutputExistsError"
+    assert (tmp_path / "taken.jpg").read_bytes() == b"mine"
+    assert second.state == "submitted" and second.error_type == "WaitTimeoutError"
+    assert fake.submits == 1
+
+
+async def test_a_paid_job_removed_from_the_list_is_still_saved(
+    never_fake: FakeBFL, tmp_path: Path
+) -> None:
+    fake = never_fake
+    async with client_for(fake) as client, client.batch(jobs(2), tmp_path) as batch:
+
+        async def stop_when_paid() -> None:
+            while fake.submits < 2:
+                await anyio.sleep(0.005)
+            batch.stop(grace=0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_when_paid)
+            async for _ in batch:
+                pass
+    paid = {r.key for r in batch.records if r.state == "submitted"}
+    assert len(paid) == 2
+    fake.finish_now()
+    fake.generation_time = 0.01
+    edited = jobs(2)
+    edited[1]["prompt"] = "changed while it was running"
+    again = await run(fake, tmp_path, edited)
+    assert [(r.listed, r.state) for r in again.records] == [
+        (True, "downloaded"), (True, "downloaded"), (False, "downloaded")
+    ]  # fmt: skip
+    assert again.records[2].index == 2 and again.records[2].key in paid
+    assert fake.submits == 3 and fake.duplicate_submits == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [job["listed"] for job in manifest["jobs"]] == [True, True, False]
