@@ -2,7 +2,8 @@
 
 Commands (one a line; each answer is one line on stdout):
 
-- `reset {"rng": "flux2-96/0", "median": 4.0, "sigma": 0.4, "count": 96, "image_bytes": null}`
+- `reset {"rng": "flux2-96/0", "median": 4.0, "sigma": 0.4, "count": 96, "image_bytes": null,
+  "delivery_rate": null}`
   stops the running fake, if any, and starts a fresh one. The k-th accepted submit gets the
   k-th generation time of a lognormal sequence drawn from `rng` (cycled past `count`), so every
   client sees the same times in submit order. Answers `ready {"api": URL, "polling": URL,
@@ -102,6 +103,7 @@ async def serve() -> None:
                     api_key=API_KEY,
                     generation_time=in_submit_order(times),
                     image_bytes=spec.get("image_bytes"),
+                    delivery_rate=spec.get("delivery_rate"),
                     credits=1e9,
                 )
                 stack = AsyncExitStack()

@@ -65,6 +65,8 @@ class Workload:
     sigma: float
     """Log-sd of the lognormal generation times (0: every job takes `median`)."""
     image_bytes: int | None = None
+    delivery_rate: float | None = None
+    """Bytes per second the fake sends each image at (None: as fast as loopback goes)."""
 
 
 WORKLOADS = {
@@ -91,8 +93,8 @@ WORKLOADS = {
     "20mb-48": Workload(
         name="20mb-48",
         about=(
-            "flux-2-pro, 20 MiB images, generation time median 4 s, sigma 0.1 "
-            "(each wave of 24 ends within about a second, so downloads overlap)"
+            "flux-2-pro, 20 MiB images sent at 16 MiB/s each, generation time median 4 s, "
+            "sigma 0.1 (each wave of 24 ends within about a second, so downloads overlap)"
         ),
         jobs=48,
         model="flux-2-pro",
@@ -101,6 +103,7 @@ WORKLOADS = {
         median=4.0,
         sigma=0.1,
         image_bytes=20 * MiB,
+        delivery_rate=16 * MiB,
     ),
 }
 
@@ -260,6 +263,7 @@ class FakeServer:
             "sigma": workload.sigma,
             "count": workload.jobs,
             "image_bytes": workload.image_bytes,
+            "delivery_rate": workload.delivery_rate,
         }
         answer = self.ask("reset " + json.dumps(spec))
         urls: dict[str, str] = json.loads(answer.removeprefix("ready "))

@@ -263,10 +263,9 @@ class PollBudget:
         runs some late) still leave `gap` apart."""
         now = anyio.current_time()
         moment = max(now, self._next_send)
-        self._next_send = moment + self._gap * _SEND_SLACK
+        self._next_send = moment + self._gap
         if moment > now:
             await anyio.sleep(moment - now)
 
 
-_MARGIN = 0.05
-_SEND_SLACK = 0.95  # bookings are `gap` apart; leaving may be a little closer, never bunched
+_MARGIN = 0.02

@@ -479,6 +479,15 @@ async def test_image_bytes_pads_and_keeps_the_image_valid(anyio_backend: str, fm
         assert size(data) == (64, 64)
 
 
+async def test_delivery_rate_paces_each_image(anyio_backend: str) -> None:
+    async with running(image_bytes=256 * 1024, delivery_rate=1024 * 1024) as (fake, client):
+        sample = await ready_sample(client, fake)
+        started = anyio.current_time()
+        image = await client.get(sample)
+        assert len(image.content) == int(image.headers["content-length"])
+        assert anyio.current_time() - started >= 0.24  # 256 KiB at 1 MiB/s
+
+
 async def test_head_request_on_delivery(anyio_backend: str) -> None:
     async with running(image_bytes=100_000) as (fake, client):
         sample = await ready_sample(client, fake)

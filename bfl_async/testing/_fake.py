@@ -199,6 +199,9 @@ class FakeBFL:
     `webhook_scheme`, retried `webhook_retries` times (delays from `webhook_retry_delay`,
     doubling) while the receiver fails, sent `webhook_copies` times (at-least-once), through
     `webhook_transport` if given (an ASGI app in memory, say). `webhooks` counts them.
+
+    Images are `image_size` pixels, padded to `image_bytes` if given; over loopback each one
+    is sent at `delivery_rate` bytes per second if given, as a CDN paces a connection.
     """
 
     def __init__(
@@ -214,6 +217,7 @@ class FakeBFL:
         credits: float = 1000.0,
         image_size: tuple[int, int] = (64, 64),
         image_bytes: int | None = None,
+        delivery_rate: float | None = None,
         slow_seconds: float = 2.0,
         huge_bytes: int = 8 << 20,
         seed: int = 0,
@@ -238,6 +242,7 @@ class FakeBFL:
         self.credits = credits
         self.image_size = image_size
         self.image_bytes = image_bytes
+        self.delivery_rate = delivery_rate
         self.slow_seconds = slow_seconds
         self.huge_bytes = huge_bytes
         self.models: dict[str, ModelSpec] = dict(MODELS)
@@ -666,7 +671,13 @@ class FakeBFL:
         if parts is None:
             parts = render(ext, task_id, self.image_size, self.image_bytes)
             self._images[(task_id, ext)] = parts
-        return Response(200, parts, CONTENT_TYPES[ext], [("x-ms-blob-type", "BlockBlob")])
+        return Response(
+            200,
+            parts,
+            CONTENT_TYPES[ext],
+            [("x-ms-blob-type", "BlockBlob")],
+            rate=self.delivery_rate,
+        )
 
     def _signature(self, path: str, se: str) -> str:
         return hmac.new(self._secret, f"{path}\n{se}".encode(), hashlib.sha256).hexdigest()

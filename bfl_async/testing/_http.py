@@ -66,6 +66,8 @@ class Response:
     """Close the connection without answering."""
     truncate: bool = False
     """Announce the full Content-Length, send half the body, then close the connection."""
+    rate: float | None = None
+    """Send the body at most this many bytes per second (a CDN's pace per connection)."""
 
     @classmethod
     def json(cls, status: int, data: Any, headers: Sequence[tuple[str, str]] = ()) -> Response:
@@ -245,9 +247,13 @@ class HTTPServer:
             reason=reason_phrase(response.status),
         )
         await _send_bytes(stream, conn.send(head))
+        started, sent = anyio.current_time(), 0
         for piece in response.chunks(head_only=head_only):
             for data in conn.send_with_data_passthrough(h11.Data(data=piece)) or ():
                 await _send_bytes(stream, data)
+            if response.rate:
+                sent += len(piece)
+                await anyio.sleep(max(0.0, started + sent / response.rate - anyio.current_time()))
         if response.truncate:
             return False
         await _send_bytes(stream, conn.send(h11.EndOfMessage()))
