@@ -366,7 +366,8 @@ class AsyncBFL:
             hook = {"webhook_url": self.webhook_url, "webhook_secret": self._webhook_secret}
             body = {**body, **hook}
             params = {**params, **hook}
-        pushed = isinstance(body.get("webhook_url"), str)
+        # Only pushes to this client's own route arrive here: any other URL is polled as usual.
+        pushed = self.webhook_url is not None and body.get("webhook_url") == self.webhook_url
         not_sent = refused = 0
         front = False
         started = anyio.current_time()
@@ -525,7 +526,9 @@ class AsyncBFL:
             slot = self._limiter.claim(_pool_of(task.model))
             elapsed = time.time() - task.submitted_at if task.submitted_at else 0.0
             accepted_at = anyio.current_time() - max(0.0, elapsed)
-            watch = self._start_watch(tg, task, slot, accepted_at, self.webhook_url is not None)
+            # Whether this task was submitted with our webhook is unknown: poll at the full
+            # rate (a push that does arrive still ends the watch at once).
+            watch = self._start_watch(tg, task, slot, accepted_at, False)
         return watch
 
     async def _await(self, watch: _Watch, timeout: float | _Unset | None) -> Result:
@@ -547,7 +550,8 @@ class AsyncBFL:
 
         Takes the raw request body and headers; raises `WebhookVerificationError` for a
         forged delivery (answer 401) and `WebhookPayloadError` for a malformed one (400).
-        Cheap and non-blocking: answer BFL right after it returns.
+        Cheap and non-blocking: answer BFL right after it returns. Call it on the event loop
+        the client runs on (from an `async def` route, not from a worker thread).
         """
         if self._webhook_secret is None:
             raise RuntimeError(
@@ -565,7 +569,7 @@ class AsyncBFL:
         Returns True when the event was news; duplicates (deliveries are at-least-once)
         and non-terminal events return False and change nothing. An event for a task the
         client does not know yet is kept for two minutes: it may overtake the submit's
-        answer.
+        answer. Like `handle_webhook`, call it on the client's event loop.
         """
         if not event.terminal:
             return False

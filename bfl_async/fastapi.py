@@ -28,9 +28,11 @@ except ImportError as exc:
 
 from . import AsyncBFL, WebhookPayloadError, WebhookVerificationError
 
-__all__ = ["BFLClient", "bfl_lifespan", "get_client", "webhook_router"]
+__all__ = ["MAX_WEBHOOK_BYTES", "BFLClient", "bfl_lifespan", "get_client", "webhook_router"]
 
 _STATE = "bfl_client"
+MAX_WEBHOOK_BYTES = 1 << 20
+"""The largest webhook body the router reads; a task event is a few hundred bytes."""
 
 
 def bfl_lifespan(
@@ -69,16 +71,21 @@ def webhook_router(path: str = "/bfl/webhook") -> APIRouter:
 
     Each delivery is verified with the client's `webhook_secret` and handed to the client,
     which ends the task's watch; nothing else happens in the request, so BFL gets its
-    answer at once: 204, 401 for a forged delivery, 400 for a malformed one. Duplicate
+    answer at once: 204, 401 for a forged delivery, 400 for a malformed one, 413 for a
+    body over `MAX_WEBHOOK_BYTES`. Duplicate
     deliveries are answered 204 and change nothing. Point the client's `webhook_url` here.
     """
     router = APIRouter()
 
     @router.post(path, status_code=204, include_in_schema=False)
     async def receive_webhook(request: Request, client: BFLClient) -> Response:
-        body = await request.body()
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_WEBHOOK_BYTES:  # read no more of what cannot be an event
+                return JSONResponse({"detail": "webhook body too large"}, status_code=413)
         try:
-            client.handle_webhook(body, request.headers)
+            client.handle_webhook(bytes(body), request.headers)
         except WebhookVerificationError:
             return JSONResponse({"detail": "invalid webhook signature"}, status_code=401)
         except WebhookPayloadError as exc:

@@ -22,7 +22,13 @@ from fastapi import FastAPI
 from starlette.requests import Request
 
 from bfl_async import AsyncBFL, Backoff, sign_webhook
-from bfl_async.fastapi import BFLClient, bfl_lifespan, get_client, webhook_router
+from bfl_async.fastapi import (
+    MAX_WEBHOOK_BYTES,
+    BFLClient,
+    bfl_lifespan,
+    get_client,
+    webhook_router,
+)
 from bfl_async.testing import FakeBFL
 from examples.fastapi_app.app import create_app
 
@@ -209,6 +215,9 @@ async def test_lifespan_dependency_and_router_without_the_example(tmp_path: Path
             second = await http.post("/one")
         assert first.status_code == second.status_code == 200
         assert first.json()["polls"] == 0
+        huge = b"{" + b" " * MAX_WEBHOOK_BYTES + b"}"
+        too_large = await http.post("/hooks/bfl", content=huge, headers=sign_webhook(huge, SECRET))
+        assert too_large.status_code == 413
     assert len(seen) == 2 and seen[0] is seen[1]
     assert fake.polls == 0 and fake.webhooks.delivered == 2
 

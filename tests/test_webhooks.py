@@ -272,11 +272,13 @@ async def test_submits_carry_the_clients_webhook_unless_the_call_has_its_own(
     mock.get(polling_url("t2")).mock(return_value=poll_answer("Pending", "t2"))
     mock.get(polling_url("t3")).mock(return_value=poll_answer("Pending", "t3"))
     async with hooked(close_grace=0.0) as client:
-        await client.submit("flux-2-pro", prompt="a fox")
-        await client.submit(
+        ours = await client.submit("flux-2-pro", prompt="a fox")
+        theirs = await client.submit(
             "flux-2-pro", prompt="a fox", webhook_url="https://other.test/h", webhook_secret="o"
         )
         await client.submit_raw("flux-2-pro", {"prompt": "a fox"})
+        # Pushes to another URL never reach this client: that task is polled at full rate.
+        assert client._watches[ours.id].pushed and not client._watches[theirs.id].pushed
     bodies = [json.loads(call.request.content) for call in submit.calls]
     assert [b["webhook_url"] for b in bodies] == [HOOK, "https://other.test/h", HOOK]
     assert [b["webhook_secret"] for b in bodies] == [SECRET, "o", SECRET]
