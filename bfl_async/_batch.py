@@ -30,6 +30,8 @@ from anyio.streams.memory import MemoryObjectSendStream
 from ._catalog import ModelSpec, price
 from ._download import IMAGE_SUFFIXES, check_file_name, url_expiry
 from ._errors import (
+    APIConnectionError,
+    APIError,
     BFLError,
     BudgetExceededError,
     GenerationError,
@@ -147,17 +149,23 @@ class _Job:
     name: str | None
     spec: ModelSpec | None
     """None for a paid job no longer listed: it is followed, never submitted."""
-    body: dict[str, Any]
-    params: dict[str, Any]
+    body: dict[str, Any] = field(repr=False)
+    """The request as sent: it may hold a `webhook_secret`, so never in a repr."""
+    params: dict[str, Any] = field(repr=False)
     estimate: float
     record: JobRecord
     attempts: int = 0
     reserved: bool = False
-    sample: str | None = None
+    sample: str | None = field(default=None, repr=False)
     """The signed result URL an earlier run saw, for a job found `ready`."""
     was_ready: bool = False
     """An earlier run began downloading it: a file of its name there is its own image."""
-    scope: anyio.CancelScope | None = None
+    scope: anyio.CancelScope | None = field(default=None, repr=False)
+    uncertain: str | None = None
+    """For a job resubmitted although an earlier submit is uncertain: that submit's error.
+    The job stays `uncertain` unless this run's submit got an answer or may have been sent."""
+    posting: bool = False
+    """This run journaled `submitting` for it: from then on a POST may be on its way."""
 
 
 class Batch:
@@ -337,11 +345,20 @@ class Batch:
                 self._to_submit.append(job)
             else:
                 await self._resume(job, row)
-        # Paid tasks of jobs since removed from (or edited in) the list: still followed and
-        # saved, so editing the list never loses an image already paid for.
+        # Jobs since removed from (or edited in) the list: paid tasks are still followed and
+        # saved, so editing the list never loses an image already paid for; possibly paid
+        # ones stay `uncertain` in the manifest; every paid task counts in `spent`.
         listed = {job.key for job in jobs}
         for row in sorted(known.values(), key=lambda row: row.position):
-            if row.key in listed or row.state not in ("submitted", "ready") or not row.task:
+            if row.key in listed:
+                continue
+            paid = bool(row.task)
+            if not (
+                (row.state in ("submitted", "ready") and paid)
+                or row.state in ("submitting", "uncertain")
+            ):
+                if paid:
+                    self._spent += _cost(row.cost, row.estimate)
                 continue
             index = len(self._records)
             record = JobRecord(
@@ -375,7 +392,7 @@ class Batch:
         """Decide what a job the journal knows needs now."""
         task = Task.model_validate_json(row.task) if row.task else None
         if task is not None:
-            self._spent += row.cost if row.cost is not None else job.estimate
+            self._spent += _cost(row.cost, job.estimate)
         record = replace(
             job.record,
             state=row.state,
@@ -392,16 +409,18 @@ class Batch:
         self._records[job.index] = record
         state = row.state
         if state in ("submitting", "uncertain"):
-            if self._resubmit_uncertain:
-                logger.warning("resubmitting job %s, whose earlier submit is uncertain", job.key)
-                self._to_submit.append(job)
-                return
-            self._at_risk += job.estimate
-            await self._set(job, "uncertain", previous=True, error=row.error or (
+            error = row.error or (
                 "SubmissionUncertainError: the batch stopped while this job's submit was on "
                 "its way; BFL may or may not have created (and charged for) a task. Check "
                 "your dashboard, then rerun with resubmit_uncertain=True to submit it again"
-            ))  # fmt: skip
+            )
+            if self._resubmit_uncertain and job.spec is not None:
+                logger.warning("resubmitting job %s, whose earlier submit is uncertain", job.key)
+                job.uncertain = error
+                self._to_submit.append(job)
+                return
+            self._at_risk += job.estimate
+            await self._set(job, "uncertain", previous=True, error=error)
             self._finished_early.append(job.record)
         elif state == "submitted" and task is not None:
             self._to_attach.append(job)
@@ -469,6 +488,16 @@ class Batch:
         if values.get("seed") is not None:
             journal["seed"] = str(values["seed"])
         await self._journal.update(job.key, state=state, **journal)
+        self._reflect(job, state, exception, previous, values)
+
+    def _reflect(
+        self,
+        job: _Job,
+        state: JobState,
+        exception: BaseException | None,
+        previous: bool,
+        values: Mapping[str, Any],
+    ) -> None:
         record_values = {k: v for k, v in values.items() if k in ("cost", "path", "seed", "error")}
         job.record = replace(
             job.record, state=state, exception=exception, previous=previous, **record_values
@@ -476,10 +505,25 @@ class Batch:
         self._records[job.index] = job.record
 
     async def _end(
-        self, job: _Job, send: MemoryObjectSendStream[JobRecord], state: JobState, **values: Any
+        self,
+        job: _Job,
+        send: MemoryObjectSendStream[JobRecord],
+        state: JobState,
+        *,
+        safe: bool = False,
+        **values: Any,
     ) -> None:
+        """Journal the job's end and report it. With `safe`, a journal that cannot be written
+        is logged and the end reported anyway (the row's last state then stands)."""
         with anyio.CancelScope(shield=True):
-            await self._set(job, state, **values)
+            try:
+                await self._set(job, state, **values)
+            except Exception:
+                if not safe:
+                    raise
+                logger.exception("could not journal job %s as %s", job.key, state)
+                exception = values.pop("exception", None)
+                self._reflect(job, state, exception, values.pop("previous", False), values)
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             send.send_nowait(job.record)
 
@@ -497,28 +541,38 @@ class Batch:
                     job.spec.pool,
                     job.body,
                     job.params,
-                    functools.partial(self._accepted, job),
+                    None,
                     before_send=functools.partial(self._before_send, job),
+                    on_accepted=functools.partial(self._accepted, job),
                 )
             except _Stopped:
                 pass
             except SubmissionUncertainError as exc:
-                self._unreserve(job)
-                self._at_risk += job.estimate
                 failure = ("uncertain", exc)
             except BudgetExceededError as exc:
                 failure = ("skipped", exc)
-            except Exception as exc:
-                self._unreserve(job)
+            except (APIError, APIConnectionError) as exc:
+                # BFL refused it, or it never left: certainly nothing was created.
                 failure = ("failed", exc)
-        if failure is not None:
-            state, error = failure
-            await self._end(job, send, state, error=_describe(error), exception=error)
-        elif watch is None:  # stopped before it was sent
-            self._unreserve(job)
-            await self._end(job, send, "queued")
-        else:
+            except Exception as exc:
+                # Before `submitting` nothing was sent (OutputExistsError...); after it, the
+                # POST may have created a task (or BFL accepted it and journaling failed).
+                failure = ("uncertain" if job.posting else "failed", exc)
+        self._unreserve(job)
+        if watch is not None:
             await self._follow(job, watch, send)
+            return
+        state: JobState
+        error: BaseException | None
+        state, error = failure if failure is not None else ("queued", None)
+        text = None if error is None else _describe(error)
+        if job.uncertain is not None and state != "uncertain" and not isinstance(error, APIError):
+            # Asked to resubmit a job whose earlier submit is uncertain, but nothing went out
+            # this time (stopped, over budget, the file exists, not sent): still uncertain.
+            state, text = "uncertain", job.uncertain
+        if state == "uncertain":
+            self._at_risk += job.estimate
+        await self._end(job, send, state, error=text, exception=error, safe=state == "uncertain")
 
     def _check_output(self, job: _Job) -> None:
         if job.name is None or self._overwrite:
@@ -548,6 +602,7 @@ class Batch:
         job.attempts += 1
         assert self._journal is not None
         await self._journal.update(job.key, state="submitting", attempts=job.attempts)
+        job.posting = True
 
     def _unreserve(self, job: _Job) -> None:
         if job.reserved:
@@ -557,10 +612,16 @@ class Batch:
     async def _accepted(self, job: _Job, task: Task) -> None:
         """BFL accepted the submit: journal the paid handle before anything else."""
         self._unreserve(job)
-        cost = task.cost if task.cost is not None else job.estimate
-        self._spent += cost
-        job.record = replace(job.record, task=task)
-        await self._set(job, "submitted", task=task.model_dump_json(), cost=cost, error=None)
+        cost = _cost(task.cost, job.estimate)
+        self._spent += cost  # at once: other jobs' budget checks must see it
+        job.record = replace(job.record, task=task)  # named in the manifest whatever happens
+        try:
+            await self._set(job, "submitted", task=task.model_dump_json(), cost=cost, error=None)
+        except BaseException:
+            # Not journaled: the row still says `submitting`, and the job ends `uncertain`
+            # (its estimate at risk) rather than counted twice.
+            self._spent -= cost
+            raise
 
     async def _follow(
         self, job: _Job, watch: _Watch, send: MemoryObjectSendStream[JobRecord]
@@ -618,9 +679,10 @@ class Batch:
         self, job: _Job, result: Result, send: MemoryObjectSendStream[JobRecord]
     ) -> None:
         try:
-            path = await self._client.download(
-                result, self.output_dir, name=self._file_name(job, result.task),
-                overwrite=self._overwrite or job.was_ready,
+            # Durable: the image is on disk before the journal says `downloaded`.
+            path = await self._client._downloader.to_directory(
+                result, self.output_dir, self._file_name(job, result.task),
+                overwrite=self._overwrite or job.was_ready, durable=True,
             )  # fmt: skip
         except ResultExpiredError as exc:
             await self._end(job, send, "expired", error=_describe(exc), exception=exc)
@@ -663,6 +725,14 @@ class Batch:
         text = json.dumps(self.manifest(), indent=2, ensure_ascii=False) + "\n"
         await anyio.to_thread.run_sync(_write_atomic, self.manifest_path, text)
         return self.manifest_path
+
+
+def _cost(value: float | None, estimate: float) -> float:
+    """Credits a task counts for: its reported cost when that is a finite number >= 0, else
+    the catalog's estimate (a garbled cost must never switch the budget off)."""
+    if value is None or not math.isfinite(value) or value < 0:
+        return estimate
+    return value
 
 
 def _write_atomic(path: Path, text: str) -> None:

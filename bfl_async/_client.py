@@ -36,7 +36,16 @@ from ._errors import (
     Problem,
     WaitTimeoutError,
 )
-from ._http import API, REGIONS, Accepted, NotSent, Refused, float_or_none, is_api_host
+from ._http import (
+    API,
+    REGIONS,
+    Accepted,
+    NotSent,
+    Refused,
+    cost_or_none,
+    float_or_none,
+    is_api_host,
+)
 from ._limits import Limiter, PollBudget, Slot
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
 from ._polling import PollSchedule, _terminal, watch_task
@@ -355,11 +364,14 @@ class AsyncBFL:
         params: Mapping[str, Any],
         on_submitted: OnSubmitted | None,
         before_send: Callable[[], Awaitable[None]] | None = None,
+        on_accepted: Callable[[Task], Awaitable[None]] | None = None,
     ) -> tuple[_Watch, float, float]:
         """Submit with the retry rules of `post_submit`; return the watch and its timings.
 
         `before_send` runs once a slot is held, right before each POST (a batch records
-        the attempt there, or raises to cancel it: the slot is then released).
+        the attempt there, or raises to cancel it: the slot is then released). `on_accepted`
+        runs first of all when BFL accepts (a batch journals the paid handle there); with
+        it, a failing `on_submitted` is logged, not raised: the task is paid and recorded.
         """
         tg = self._task_group()
         if self.webhook_url is not None and "webhook_url" not in body:
@@ -393,7 +405,7 @@ class AsyncBFL:
                         assert slot is not None
                         watch = self._adopt(tg, accepted, model, slot, pushed)
                         slot = None
-                        await self._notify(watch.task, on_submitted)
+                        await self._notify(watch.task, on_submitted, on_accepted)
                         return watch, queued, anyio.current_time() - sent_at
             finally:
                 if slot is not None:
@@ -428,7 +440,7 @@ class AsyncBFL:
             id=answer["id"],
             polling_url=answer["polling_url"],
             model=model,
-            cost=float_or_none(answer.get("cost")),
+            cost=cost_or_none(answer.get("cost")),
             input_mp=float_or_none(answer.get("input_mp")),
             output_mp=float_or_none(answer.get("output_mp")),
             submitted_at=time.time(),
@@ -490,7 +502,18 @@ class AsyncBFL:
             if self._watches.get(old.task.id) is old:
                 del self._watches[old.task.id]
 
-    async def _notify(self, task: Task, on_submitted: OnSubmitted | None) -> None:
+    async def _notify(
+        self,
+        task: Task,
+        on_submitted: OnSubmitted | None,
+        on_accepted: Callable[[Task], Awaitable[None]] | None = None,
+    ) -> None:
+        failure: Exception | None = None
+        if on_accepted is not None:
+            try:
+                await on_accepted(task)
+            except Exception as exc:  # raised once the user's callbacks have the handle
+                failure = exc
         for callback in (self._on_submitted, on_submitted):
             if callback is None:
                 continue
@@ -504,7 +527,10 @@ class AsyncBFL:
                     task.id,
                     task.model_dump_json(),
                 )
-                raise
+                if on_accepted is None:
+                    raise
+        if failure is not None:
+            raise failure
 
     # --- wait --------------------------------------------------------------------------
 

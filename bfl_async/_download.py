@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import anyio
 import httpx
@@ -139,7 +139,7 @@ class Downloader:
         )
         try:
             response = await self._client.send(request, stream=True, follow_redirects=True)
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # lost, or undecodable
             raise _Broken(type(exc).__name__) from exc
         try:
             if response.status_code in (401, 403, 404, 410):
@@ -170,7 +170,7 @@ class Downloader:
                         checked = True
                         chunk, pending = pending, b""
                     yield chunk
-            except httpx.TransportError as exc:
+            except httpx.HTTPError as exc:  # lost, or undecodable
                 raise _Broken(
                     f"{type(exc).__name__} after {response.num_bytes_downloaded} bytes"
                 ) from exc
@@ -225,9 +225,21 @@ class Downloader:
         raise AssertionError("unreachable")
 
     async def to_directory(
-        self, result: Result, directory: Path, name: str, *, overwrite: bool
+        self, result: Result, directory: Path, name: str, *, overwrite: bool, durable: bool = False
     ) -> Path:
-        """Save the image as `<directory>/<name><suffix>`, suffix from its magic bytes."""
+        """Save the image as `<directory>/<name><suffix>`, suffix from its magic bytes.
+
+        `durable` (a batch's downloads) syncs the file and then its directory to disk before
+        returning, so a journal that then says `downloaded` survives a power cut.
+        """
+        path = await self._place(result, directory, name, overwrite=overwrite, durable=durable)
+        if durable:
+            await anyio.to_thread.run_sync(_sync_directory, directory)
+        return path
+
+    async def _place(
+        self, result: Result, directory: Path, name: str, *, overwrite: bool, durable: bool
+    ) -> Path:
         await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
         part = directory / f"{name}.part"
         for attempt in range(1, self._attempts + 1):
@@ -247,6 +259,8 @@ class Downloader:
                             await out.write(block)
                             block.clear()
                     await out.write(block)
+                    if durable:
+                        await anyio.to_thread.run_sync(_sync_file, out.wrapped)
                 break
             except _Broken as exc:
                 if attempt == self._attempts:
@@ -276,3 +290,20 @@ class Downloader:
                 return target
             part.unlink()
         return target
+
+
+def _sync_file(file: IO[bytes]) -> None:
+    """Flush a file's buffers and make its bytes durable (in a worker thread)."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename or link in `directory` durable (POSIX; Windows has no directory fsync)."""
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

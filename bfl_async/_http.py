@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -87,11 +88,20 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def float_or_none(value: Any) -> float | None:
-    """A number from an answer's field, or None when it is missing or not a number."""
+    """A finite number from an answer's field, or None when it is missing, not a number,
+    NaN or infinite."""
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if math.isfinite(number) else None
+
+
+def cost_or_none(value: Any) -> float | None:
+    """Credits from an answer's field: a finite number >= 0, else None (the caller then
+    counts the catalog's estimate: a garbled cost must never switch a budget off)."""
+    number = float_or_none(value)
+    return number if number is not None and number >= 0 else None
 
 
 def int_or_none(value: Any) -> int | None:
@@ -214,7 +224,7 @@ class API:
         """A plain API call (credits...): transient failures raise, errors are typed."""
         try:
             response = await self.request(method, path)
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # lost, or an undecodable answer
             raise APIConnectionError(f"{what}: {type(exc).__name__}; try again") from None
         if response.status_code != 200:
             raise error_from_response(response, what)
@@ -238,8 +248,9 @@ class API:
             response = await self.request("POST", f"/v1/{model}", json=dict(body))
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise NotSent(type(exc).__name__) from None
-        except httpx.TransportError as exc:
-            # Written (or partly written) and then lost: the server may have acted on it.
+        except httpx.HTTPError as exc:
+            # Written (or partly written) and then lost, or answered with a body that could
+            # not be read (DecodingError...): the server may have acted on it.
             raise uncertain(f"{type(exc).__name__} after the request was sent") from None
         status = response.status_code
         if status == 200:

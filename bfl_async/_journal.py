@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
@@ -77,7 +77,8 @@ class JobRow:
     task: str | None = None
     """The Task handle as JSON, once BFL accepted the submit."""
     cost: float | None = None
-    sample: str | None = None
+    sample: str | None = field(default=None, repr=False)
+    """The signed result URL (its signature is a credential: left out of the repr)."""
     seed: str | None = None
     """The image's seed, as text: seeds may not fit SQLite's integers."""
     path: str | None = None
@@ -123,10 +124,13 @@ class Journal:
         return cls(db, path)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        # Not cancellable: once a step is being recorded, it is recorded.
-        return await anyio.to_thread.run_sync(
-            functools.partial(self._locked, function, *args), limiter=self._limiter
-        )
+        # Shielded: `to_thread.run_sync` is cancellable while it waits for a worker (or the
+        # limiter), so a cancelled caller could skip a step. Once asked for, it is recorded.
+        with anyio.CancelScope(shield=True):
+            result = await anyio.to_thread.run_sync(
+                functools.partial(self._locked, function, *args), limiter=self._limiter
+            )
+        return result
 
     def _locked(self, function: Callable[..., T], *args: Any) -> T:
         with self._lock:

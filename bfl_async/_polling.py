@@ -181,7 +181,7 @@ async def watch_task(
             sent_at = anyio.current_time() - accepted_at
             try:
                 response = await api.request("GET", task.polling_url)
-            except httpx.TransportError as exc:
+            except httpx.HTTPError as exc:  # transport failures, an undecodable answer...
                 failures += 1
                 logger.debug("poll of task %s failed (%s); retrying", task.id, type(exc).__name__)
                 delay = _retry_delay(retry_base_delay, failures)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from bfl_async import (
@@ -18,8 +21,11 @@ from bfl_async import (
     Backoff,
     Batch,
     BudgetExceededError,
+    JobRecord,
     ParameterError,
+    SubmissionUncertainError,
     Task,
+    _download,
 )
 from bfl_async._batch import _Job, job_key
 from bfl_async._journal import JobRow, Journal
@@ -368,3 +374,235 @@ async def test_a_paid_job_removed_from_the_list_is_still_saved(
     assert fake.submits == 3 and fake.duplicate_submits == 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [job["listed"] for job in manifest["jobs"]] == [True, True, False]
+
+
+# --- paid work is never lost nor paid twice ----------------------------------------------
+
+
+class _Garbled(httpx.AsyncByteStream):
+    """A body that cannot be decoded as its headers say (gzip): httpx's DecodingError."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"\x00 not gzip at all"
+
+
+class _Rewrite(httpx.AsyncBaseTransport):
+    """The fake in memory, with accepted submit answers rewritten by `change`."""
+
+    def __init__(self, fake: FakeBFL, change: Callable[[httpx.Response], httpx.Response]) -> None:
+        self._inner = fake.transport()
+        self._change = change
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if request.method == "POST" and response.status_code == 200:
+            await response.aread()
+            return self._change(response)
+        return response
+
+
+def rewriting_client(
+    fake: FakeBFL, change: Callable[[httpx.Response], httpx.Response], **kwargs: Any
+) -> AsyncBFL:
+    http = httpx.AsyncClient(transport=_Rewrite(fake, change))
+    return client_for(fake, http_client=http, **kwargs)
+
+
+async def run_with(
+    client: AsyncBFL, out: Path, job_list: list[dict[str, Any]], **options: Any
+) -> Batch:
+    async with client, client.batch(job_list, out, **options) as batch:
+        async for _ in batch:
+            pass
+    return batch
+
+
+async def test_a_raising_client_on_submitted_loses_no_paid_task(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    journaled: list[str] = []
+
+    def broken(task: Task) -> None:
+        # The batch's journal is written first: the handle is safe before user code runs.
+        with sqlite3.connect(tmp_path / Batch.journal_name) as db:
+            [(state,)] = db.execute("SELECT state FROM jobs WHERE task LIKE ?", (f"%{task.id}%",))
+        journaled.append(state)
+        raise OSError("the user's disk is full")
+
+    batch = await run_with(client_for(fake, on_submitted=broken), tmp_path, jobs(3))
+    assert batch.counts() == {"downloaded": 3} and journaled == ["submitted"] * 3
+    assert all(r.path is not None and r.path.is_file() for r in batch.records)
+    assert "on_submitted failed" in caplog.text
+    again = await run(fake, tmp_path, jobs(3))
+    assert again.counts() == {"downloaded": 3} and fake.submits == 3
+
+
+async def test_a_journal_failing_to_record_an_accepted_task_leaves_it_uncertain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    original = Journal._update
+
+    def failing(self: Journal, key: str, values: dict[str, Any]) -> None:
+        if values.get("state") == "submitted":
+            raise sqlite3.OperationalError("disk I/O error")
+        original(self, key, values)
+
+    monkeypatch.setattr(Journal, "_update", failing)
+    batch = await run(fake, tmp_path, jobs(1))
+    [record] = batch.records
+    assert record.state == "uncertain" and record.task is not None
+    assert record.error_type == "OperationalError" and batch.at_risk == 1.4
+    assert batch.spent == 0
+    monkeypatch.undo()
+    again = await run(fake, tmp_path, jobs(1))
+    assert again.counts() == {"uncertain": 1} and fake.submits == 1
+
+
+async def test_a_garbled_submit_answer_is_uncertain_and_never_resent(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    garbled = 0
+
+    def garble_first(response: httpx.Response) -> httpx.Response:
+        nonlocal garbled
+        if garbled:
+            return response
+        garbled += 1
+        headers = {"content-type": "application/json", "content-encoding": "gzip"}
+        return httpx.Response(200, headers=headers, stream=_Garbled())
+
+    batch = await run_with(rewriting_client(fake, garble_first), tmp_path, jobs(3))
+    assert batch.counts() == {"downloaded": 2, "uncertain": 1}
+    [uncertain] = [r for r in batch.records if r.state == "uncertain"]
+    assert isinstance(uncertain.exception, SubmissionUncertainError)
+    assert "DecodingError" in str(uncertain.exception) and batch.at_risk == 1.4
+    assert fake.submits == 3 and fake.duplicate_submits == 0
+    again = await run(fake, tmp_path, jobs(3))
+    assert again.counts() == {"downloaded": 2, "uncertain": 1}
+    assert fake.submits == 3 and fake.duplicate_submits == 0
+
+
+@pytest.mark.parametrize("cost", [math.nan, math.inf, -5.0, "lots", 1e300])
+async def test_a_garbled_cost_never_switches_the_budget_off(cost: Any, tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+
+    def with_cost(response: httpx.Response) -> httpx.Response:
+        answer = json.loads(response.content)  # NaN and Infinity parse, as they may
+        answer["cost"] = cost
+        return httpx.Response(200, content=json.dumps(answer).encode(), headers=response.headers)
+
+    batch = await run_with(rewriting_client(fake, with_cost), tmp_path, jobs(6), max_cost=5.0)
+    assert math.isfinite(batch.spent)
+    json.loads((tmp_path / "manifest.json").read_text(), parse_constant=pytest.fail)
+    if cost == 1e300:  # a real (if absurd) charge: the budget is spent
+        assert 1 <= fake.submits <= 3 and batch.spent >= 1e300
+    else:  # counted at the catalog's price
+        assert batch.counts() == {"downloaded": 3, "skipped": 3} and fake.submits == 3
+        assert batch.spent == pytest.approx(4.2)
+        assert {r.cost for r in batch.records if r.ok} == {1.4}
+    submits = fake.submits
+    again = await run(fake, tmp_path, jobs(6), max_cost=5.0)
+    assert fake.submits == submits and again.spent == batch.spent
+
+
+async def test_unlisted_uncertain_and_paid_jobs_still_count(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    fake.fail_next("submit", "drop_after")  # the task is created, its answer lost
+    first = await run(fake, tmp_path, jobs(4))
+    assert first.counts() == {"downloaded": 3, "uncertain": 1}
+    [lost] = [r.index for r in first.records if r.state == "uncertain"]
+    removed = next(r.index for r in first.records if r.ok)
+    kept = [job for n, job in enumerate(jobs(4)) if n not in (lost, removed)]
+    again = await run(fake, tmp_path, kept)
+    assert fake.submits == 4
+    assert [(r.listed, r.state) for r in again.records] == [
+        (True, "downloaded"), (True, "downloaded"), (False, "uncertain")
+    ]  # fmt: skip
+    assert again.records[2].key == first.records[lost].key
+    assert again.at_risk == 1.4 and again.spent == pytest.approx(3 * 1.4)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["summary"]["uncertain_credits"] == 1.4
+    assert [(j["listed"], j["state"]) for j in manifest["jobs"]][-1] == (False, "uncertain")
+    # The budget sees it all: 3 paid + 1 at risk leaves no room for a new 1.4 job.
+    new = await run(fake, tmp_path, [*kept, *jobs(1, seed=7)], max_cost=6.9)
+    assert new.counts() == {"downloaded": 2, "skipped": 1, "uncertain": 1}
+    # Asked to resubmit, an unlisted job is not sent: it is not in the list any more.
+    again = await run(fake, tmp_path, kept, resubmit_uncertain=True)
+    assert again.records[2].state == "uncertain" and fake.submits == 4
+
+
+@pytest.mark.parametrize("how", ["stopped", "budget", "file exists", "not sent"])
+async def test_resubmitting_an_uncertain_job_that_is_not_sent_keeps_it_uncertain(
+    how: str, tmp_path: Path
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    job_list = [{"model": "flux-2-klein-4b", "prompt": "x", "name": "n"}]
+    fake.fail_next("submit", "drop_after")
+    first = await run(fake, tmp_path, job_list)
+    assert first.counts() == {"uncertain": 1} and fake.submits == 1
+    options: dict[str, Any] = {"resubmit_uncertain": True}
+    client = client_for(fake)
+    if how == "budget":
+        options["max_cost"] = 1.0
+    elif how == "file exists":
+        (tmp_path / "n.png").write_bytes(b"mine")
+    elif how == "not sent":
+        client = client_for(fake, base_url="https://nowhere.invalid", submit_retries=0)
+    async with client, client.batch(job_list, tmp_path, **options) as batch:
+        if how == "stopped":
+            batch.stop()
+        async for _ in batch:
+            pass
+    [record] = batch.records
+    assert record.state == "uncertain" and batch.at_risk == 1.4, record
+    assert fake.submits == 1
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["summary"]["uncertain_credits"] == 1.4
+    with sqlite3.connect(tmp_path / Batch.journal_name) as db:
+        [(state,)] = db.execute("SELECT state FROM jobs")
+    assert state == "uncertain"
+    # Without the flag it stays uncertain; with it and nothing in the way, it is sent.
+    assert (await run(fake, tmp_path, job_list)).counts() == {"uncertain": 1}
+    (tmp_path / "n.png").unlink(missing_ok=True)
+    assert (await run(fake, tmp_path, job_list, resubmit_uncertain=True)).counts() == {
+        "downloaded": 1
+    }
+    assert fake.submits == 2
+
+
+async def test_a_cancelled_caller_never_skips_a_journal_write(tmp_path: Path) -> None:
+    journal = await Journal.open(tmp_path / "j.sqlite")
+    try:
+        await journal.add([JobRow("k", 0, None, "flux-2-pro", 3.0, "queued")])
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await journal.update("k", state="submitting")
+        assert (await journal.load())["k"].state == "submitting"
+    finally:
+        await journal.aclose()
+
+
+def test_job_reprs_leave_out_bodies_and_signed_urls() -> None:
+    body = {"prompt": "x", "webhook_secret": "hush-SECRET"}
+    record = JobRecord(0, "k", None, "flux-2-pro", "queued", 3.0)
+    job = _Job(0, "k", None, None, body, body, 3.0, record, sample="https://d/x?sig=SIG")
+    row = JobRow("k", 0, None, "flux-2-pro", 3.0, "ready", sample="https://d/x?sig=SIG")
+    for text in (repr(job), repr(row)):
+        assert "hush-SECRET" not in text and "SIG" not in text
+
+
+async def test_a_batch_syncs_each_image_before_journaling_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    synced: list[str] = []
+
+    def sync_directory(directory: Path) -> None:
+        with sqlite3.connect(tmp_path / Batch.journal_name) as db:
+            synced.extend(state for (state,) in db.execute("SELECT state FROM jobs"))
+
+    monkeypatch.setattr(_download, "_sync_directory", sync_directory)
+    batch = await run(fake, tmp_path, jobs(2))
+    assert batch.counts() == {"downloaded": 2}
+    assert len(synced) == 4 and "downloaded" not in synced[:2]

@@ -214,3 +214,46 @@ async def test_tls_is_verified_unless_turned_off() -> None:
             transport = client._http._transport
             pool = transport._pool(httpx.URL("https://api.bfl.ai/v1/x"))  # type: ignore[attr-defined]
             assert pool._pool._ssl_context.verify_mode == mode
+
+
+class _Garbled(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"\x00 not gzip at all"
+
+
+async def test_an_undecodable_body_is_a_broken_transfer_and_retried(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    garbled = httpx.Response(200, headers={"content-encoding": "gzip"}, stream=_Garbled())
+    route = mock.get(DELIVERY).mock(side_effect=[garbled, image()])
+    path = await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+    assert path.read_bytes() == PNG and route.call_count == 2
+
+
+@pytest.mark.parametrize("durable", [False, True])
+async def test_durable_downloads_sync_the_file_and_its_directory(
+    durable: bool,
+    mock: respx.MockRouter,
+    downloader: Downloader,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "?"
+        synced.append((Path(name).name, (tmp_path / "a.png").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    mock.get(DELIVERY).mock(return_value=image())
+    result = result_for(signed_url())
+    path = await downloader.to_directory(result, tmp_path, "a", overwrite=False, durable=durable)
+    assert path.read_bytes() == PNG
+    if durable:  # the bytes before the file is placed, the directory after
+        assert [placed for _, placed in synced] == [False, True]
+        if os.path.exists("/proc/self/fd"):
+            assert [name for name, _ in synced] == ["a.part", tmp_path.name]
+    else:
+        assert synced == []

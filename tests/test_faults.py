@@ -11,7 +11,6 @@ import collections
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 
@@ -26,6 +25,7 @@ from bfl_async import (
     ResultExpiredError,
     SubmissionUncertainError,
 )
+from bfl_async._journal import Journal
 from bfl_async.testing import FakeBFL, Fault, FaultKind
 
 pytestmark = pytest.mark.anyio
@@ -257,15 +257,25 @@ async def test_an_expired_result_url_is_reported_expired(tmp_path: Path) -> None
 
 
 async def test_an_expired_url_saved_by_an_earlier_run_is_asked_for_again(tmp_path: Path) -> None:
-    async with FakeBFL(generation_time=0.02, result_ttl=0.3) as fake:
+    async with FakeBFL(generation_time=0.02) as fake:
         fake.fail_next("download", "malformed", count=JOBS)  # every download refused
         first = await run(fake, tmp_path)
         assert first.counts() == {"ready": JOBS}
-        await anyio.sleep(0.4)  # past the (scaled-down) URL lifetime
+        # The URLs expire now, whatever the time the first run took: the fake signs them
+        # (and every URL it gives from now on) with an expiry already past.
+        fake.result_ttl = -3600.0
+        journal = await Journal.open(tmp_path / Batch.journal_name)
+        try:
+            for record in first.records:
+                assert record.task is not None
+                await journal.update(record.key, sample=fake.sign_url(record.task.id))
+        finally:
+            await journal.aclose()
+        polls = fake.polls
         second = await run(fake, tmp_path)
     check(fake, second)
     assert second.counts() == {"expired": JOBS}
-    assert fake.polls >= 2 * JOBS  # the saved URLs had expired: BFL was asked again
+    assert fake.polls >= polls + JOBS  # the saved URLs had expired: BFL was asked again
 
 
 @pytest.mark.parametrize("kind", ["not an image", "too large"])

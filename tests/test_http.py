@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import respx
 
-from bfl_async import AsyncBFL, Backoff
-from bfl_async._http import parse_retry_after, redact
+from bfl_async import AsyncBFL, Backoff, SubmissionUncertainError
+from bfl_async._http import cost_or_none, float_or_none, parse_retry_after, redact
 
 from .helpers import API, FAST, KEY, accepted, image, polling_url, ready
 
@@ -76,3 +78,44 @@ async def test_a_callers_own_http_client_is_used_and_left_open(
         assert request.headers["x-trace"] == "mine" and request.headers["x-key"] == KEY
         assert "x-key" not in own.headers
         assert json.loads(request.content) == {"prompt": "x"}
+
+
+class _Garbled(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"\x00 not gzip at all"
+
+
+def garbled() -> httpx.Response:
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    return httpx.Response(200, headers=headers, stream=_Garbled())
+
+
+async def test_an_undecodable_submit_answer_is_uncertain_and_not_retried(
+    mock: respx.MockRouter,
+) -> None:
+    submit = mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=[garbled(), accepted()])
+    async with AsyncBFL(**FAST) as client:
+        with pytest.raises(SubmissionUncertainError, match="DecodingError"):
+            await client.submit("flux-2-pro", prompt="x")
+    assert submit.call_count == 1
+
+
+async def test_an_undecodable_poll_answer_is_retried(
+    mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    poll = mock.get(polling_url("task-1")).mock(side_effect=[garbled(), ready()])
+    mock.get(url__startswith="https://delivery-eu1.bfl.ai/").mock(return_value=image())
+    async with AsyncBFL(**FAST) as client:
+        await client.generate("flux-2-pro", prompt="x", output_dir=tmp_path)
+    assert poll.call_count == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "cost"),
+    [(1.5, 1.5), ("2", 2.0), (0, 0.0), (-1, None), (math.nan, None), (math.inf, None),
+     ("nan", None), ("x", None), (None, None), (10**400, None)],
+)  # fmt: skip
+def test_only_finite_non_negative_costs_are_taken(value: Any, cost: float | None) -> None:
+    assert cost_or_none(value) == cost
+    assert float_or_none(math.nan) is None and float_or_none(-1) == -1.0
