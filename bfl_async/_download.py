@@ -39,6 +39,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
 DEFAULT_MAX_BYTES = 64 << 20
 _PEEK = 12
 _WRITE_BLOCK = 128 * 1024
+_DISK_THREADS = 4  # each worker thread holds memory; 24 downloads need few to write
 
 
 def image_suffix(head: bytes) -> str | None:
@@ -102,6 +103,24 @@ class Downloader:
         self._client = client
         self._attempts = attempts
         self._max_bytes = max_bytes
+        self._disk: anyio.CapacityLimiter | None = None
+
+    async def _write(
+        self,
+        part: Path,
+        file: IO[bytes] | None,
+        data: bytearray,
+        *,
+        last: bool,
+        durable: bool = False,
+    ) -> IO[bytes] | None:
+        """Write `data` to `part` in a worker thread; returns the open file, or None once
+        `last` closed it."""
+        if self._disk is None:  # made on first use: a limiter belongs to a running loop
+            self._disk = anyio.CapacityLimiter(_DISK_THREADS)
+        return await anyio.to_thread.run_sync(
+            _write_block, part, file, data, last, durable, limiter=self._disk
+        )
 
     def _refuse(self, result: Result, why: str) -> DownloadRefusedError:
         return DownloadRefusedError(
@@ -240,37 +259,31 @@ class Downloader:
     async def _place(
         self, result: Result, directory: Path, name: str, *, overwrite: bool, durable: bool
     ) -> Path:
-        await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
         part = directory / f"{name}.part"
         for attempt in range(1, self._attempts + 1):
             head = b""
-            # Written in blocks: each write is a trip to a worker thread.
+            # Written in blocks, each in one trip to a worker thread (the first one opens
+            # the file, the last one closes it), on a few threads shared by all downloads.
             block = bytearray()
+            file: IO[bytes] | None = None
             try:
-                async with (
-                    await anyio.open_file(part, "wb") as out,
-                    contextlib.aclosing(self.chunks(result)) as chunks,
-                ):
+                async with contextlib.aclosing(self.chunks(result)) as chunks:
                     async for chunk in chunks:
                         if len(head) < _PEEK:
                             head += chunk[: _PEEK - len(head)]
                         block += chunk
                         if len(block) >= _WRITE_BLOCK:
-                            await out.write(block)
+                            file = await self._write(part, file, block, last=False)
                             block.clear()
-                    await out.write(block)
-                    if durable:
-                        await anyio.to_thread.run_sync(_sync_file, out.wrapped)
+                    file = await self._write(part, file, block, last=True, durable=durable)
                 break
             except _Broken as exc:
+                _discard(file, part)
                 if attempt == self._attempts:
-                    with contextlib.suppress(OSError):
-                        part.unlink()
                     raise self._failed(result, exc) from None
                 logger.info("download of task %s broke (%s); retrying", result.task.id, exc)
             except BaseException:
-                with contextlib.suppress(OSError):
-                    part.unlink()
+                _discard(file, part)
                 raise
         suffix = image_suffix(head)
         assert suffix is not None  # chunks() refuses anything else
@@ -292,10 +305,28 @@ class Downloader:
         return target
 
 
-def _sync_file(file: IO[bytes]) -> None:
-    """Flush a file's buffers and make its bytes durable (in a worker thread)."""
-    file.flush()
-    os.fsync(file.fileno())
+def _write_block(
+    part: Path, file: IO[bytes] | None, data: bytearray, last: bool, durable: bool
+) -> IO[bytes] | None:
+    if file is None:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        file = part.open("wb")
+    file.write(data)
+    if not last:
+        return file
+    if durable:  # the bytes are on disk before the file is placed
+        file.flush()
+        os.fsync(file.fileno())
+    file.close()
+    return None
+
+
+def _discard(file: IO[bytes] | None, part: Path) -> None:
+    """Drop a part file after a failed attempt."""
+    if file is not None:
+        file.close()
+    with contextlib.suppress(OSError):
+        part.unlink()
 
 
 def _sync_directory(directory: Path) -> None:
