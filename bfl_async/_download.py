@@ -38,7 +38,7 @@ logger = logging.getLogger("bfl_async")
 IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
 DEFAULT_MAX_BYTES = 64 << 20
 _PEEK = 12
-_WRITE_BLOCK = 128 * 1024
+_WRITE_BLOCK = 64 * 1024
 _DISK_THREADS = 4  # each worker thread holds memory; 24 downloads need few to write
 
 
