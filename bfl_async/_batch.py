@@ -28,7 +28,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ._catalog import ModelSpec, price
-from ._download import IMAGE_SUFFIXES, check_file_name, url_expiry
+from ._download import IMAGE_SUFFIXES, url_expiry
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -37,15 +37,13 @@ from ._errors import (
     GenerationError,
     ModerationError,
     OutputExistsError,
-    ParameterError,
-    Problem,
     ResultExpiredError,
     SubmissionUncertainError,
     TaskNotFoundError,
 )
 from ._journal import JOURNAL_NAME, JobRow, JobState, Journal
 from ._models import Result, Task
-from ._requests import build_request
+from ._requests import build_job
 
 if TYPE_CHECKING:
     from ._client import AsyncBFL, _Watch
@@ -317,7 +315,7 @@ class Batch:
             model = params.pop("model", None)
             name = params.pop("name", None)
             try:
-                spec, body = self._validate(model, name, params, names)
+                spec, body = build_job(model, name, params, names)
             except BFLError as exc:
                 record = JobRecord(
                     index, "", name if isinstance(name, str) else None, str(model), "failed",
@@ -368,25 +366,6 @@ class Batch:
             await self._resume(
                 _Job(index, row.key, row.name, None, {}, {}, row.estimate, record), row
             )
-
-    def _validate(
-        self, model: Any, name: Any, params: dict[str, Any], names: set[str]
-    ) -> tuple[ModelSpec, dict[str, Any]]:
-        if not isinstance(model, str):
-            raise ParameterError(str(model), [Problem("model", "missing", "a model name")])
-        spec, body = build_request(model, params)
-        if name is not None:
-            if not isinstance(name, str):
-                raise ParameterError(
-                    model, [Problem("name", f"{name!r} is not a string", "a file name")]
-                )
-            check_file_name(model, name)
-            if name in names:
-                raise ParameterError(
-                    model, [Problem("name", f"{name!r} is used twice", "unique names")]
-                )
-            names.add(name)
-        return spec, body
 
     async def _resume(self, job: _Job, row: JobRow) -> None:
         """Decide what a job the journal knows needs now."""

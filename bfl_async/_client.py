@@ -50,7 +50,7 @@ from ._limits import Limiter, PollBudget, Slot
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
 from ._polling import PollSchedule, _terminal, watch_task
 from ._push import EarlyEvents, FirstNow, Slowed, poll_answer
-from ._requests import build_request
+from ._requests import build_job, build_request
 from ._schedule import LearnedSchedule
 from .webhooks import WebhookEvent, verify_webhook
 
@@ -742,20 +742,7 @@ class AsyncBFL:
             model = params.pop("model", None)
             name = params.pop("name", None)
             try:
-                if not isinstance(model, str):
-                    raise ParameterError(str(model), [Problem("model", "missing", "a model name")])
-                spec, body = build_request(model, params)
-                if name is not None:
-                    if not isinstance(name, str):
-                        raise ParameterError(
-                            model, [Problem("name", f"{name!r} is not a string", "a file name")]
-                        )
-                    _check_name(model, name)
-                    if name in names:
-                        raise ParameterError(
-                            model, [Problem("name", f"{name!r} is used twice", "unique names")]
-                        )
-                    names.add(name)
+                spec, body = build_job(model, name, params, names)
             except BFLError as exc:
                 send.send_nowait(Outcome(index=index, request=job, error=exc))
                 continue

@@ -38,9 +38,10 @@ from ._catalog import (
     reference_index,
     reference_name,
 )
+from ._download import check_file_name
 from ._errors import ParameterError, Problem
 
-__all__ = ["build_request", "encode_image", "estimate_cost", "request_model"]
+__all__ = ["build_job", "build_request", "encode_image", "estimate_cost", "request_model"]
 
 _RATIO = re.compile(r"([0-9]{1,5}):([0-9]{1,5})")
 _NOUNS = {
@@ -329,3 +330,25 @@ def _to_problem(spec: ModelSpec, error: ErrorDetails) -> Problem:
     if kind == "finite_number":
         return Problem(name, f"{_show(value)} is not a finite number", allowed)
     return Problem(name, error["msg"], allowed)
+
+
+def build_job(
+    model: Any, name: Any, params: dict[str, Any], names: set[str]
+) -> tuple[ModelSpec, dict[str, Any]]:
+    """`build_request` for one job of a batch, whose optional `name` (its file name) must
+    be a plain string used by no other job in `names`; it is added there."""
+    if not isinstance(model, str):
+        raise ParameterError(str(model), [Problem("model", "missing", "a model name")])
+    spec, body = build_request(model, params)
+    if name is not None:
+        if not isinstance(name, str):
+            raise ParameterError(
+                model, [Problem("name", f"{name!r} is not a string", "a file name")]
+            )
+        check_file_name(model, name)
+        if name in names:
+            raise ParameterError(
+                model, [Problem("name", f"{name!r} is used twice", "unique names")]
+            )
+        names.add(name)
+    return spec, body
