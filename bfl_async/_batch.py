@@ -17,7 +17,7 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -602,36 +602,43 @@ class Batch:
             self._spent -= cost
             raise
 
-    async def _follow(
-        self, job: _Job, watch: _Watch, send: MemoryObjectSendStream[JobRecord]
-    ) -> None:
-        """Watch a paid task to its end and download its image."""
-        task = watch.task
+    @contextlib.contextmanager
+    def _followed(self, job: _Job, send: MemoryObjectSendStream[JobRecord]) -> Iterator[None]:
+        """Work on a paid job, ended by the batch's deadline or `stop`; a job cut short
+        is reported as it stands (its journal row is already right)."""
         scope = anyio.CancelScope(deadline=self._deadline)
         self._follow_scopes.add(scope)
         try:
             with scope:
-                try:
-                    if self._timeout is None:
-                        result = await self._client.wait(task)
-                    else:
-                        result = await self._client.wait(task, timeout=self._timeout)
-                except _FINAL_TASK_ERRORS as exc:
-                    await self._end(job, send, "failed", error=_describe(exc), exception=exc)
-                    return
-                except Exception as exc:
-                    # Still paid and perhaps still running (timeout, key revoked...): kept
-                    # `submitted`, so the next run watches it again.
-                    await self._end(job, send, "submitted", error=_describe(exc), exception=exc)
-                    return
-                with anyio.CancelScope(shield=True):
-                    await self._set(job, "ready", sample=result.sample, seed=result.seed)
-                await self._download(job, result, send)
+                yield
         finally:
             self._follow_scopes.discard(scope)
         if scope.cancelled_caught:
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 send.send_nowait(job.record)
+
+    async def _follow(
+        self, job: _Job, watch: _Watch, send: MemoryObjectSendStream[JobRecord]
+    ) -> None:
+        """Watch a paid task to its end and download its image."""
+        task = watch.task
+        with self._followed(job, send):
+            try:
+                if self._timeout is None:
+                    result = await self._client.wait(task)
+                else:
+                    result = await self._client.wait(task, timeout=self._timeout)
+            except _FINAL_TASK_ERRORS as exc:
+                await self._end(job, send, "failed", error=_describe(exc), exception=exc)
+                return
+            except Exception as exc:
+                # Still paid and perhaps still running (timeout, key revoked...): kept
+                # `submitted`, so the next run watches it again.
+                await self._end(job, send, "submitted", error=_describe(exc), exception=exc)
+                return
+            with anyio.CancelScope(shield=True):
+                await self._set(job, "ready", sample=result.sample, seed=result.seed)
+            await self._download(job, result, send)
 
     async def _download_ready(self, job: _Job, send: MemoryObjectSendStream[JobRecord]) -> None:
         """A task found Ready in an earlier run: download it from its saved URL if still
@@ -643,16 +650,8 @@ class Batch:
             await self._follow(job, self._client._attach(task), send)
             return
         result = Result(task=task, sample=job.sample, ready_at=time.time())
-        scope = anyio.CancelScope(deadline=self._deadline)
-        self._follow_scopes.add(scope)
-        try:
-            with scope:
-                await self._download(job, result, send)
-        finally:
-            self._follow_scopes.discard(scope)
-        if scope.cancelled_caught:
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                send.send_nowait(job.record)
+        with self._followed(job, send):
+            await self._download(job, result, send)
 
     async def _download(
         self, job: _Job, result: Result, send: MemoryObjectSendStream[JobRecord]
