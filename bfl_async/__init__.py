@@ -19,6 +19,7 @@ from ._errors import (
     GenerationError,
     InsufficientCreditsError,
     InvalidRequestError,
+    LimiterUnavailableError,
     MissingAPIKeyError,
     ModerationError,
     NotFoundError,
@@ -36,7 +37,7 @@ from ._errors import (
     WebhookPayloadError,
     WebhookVerificationError,
 )
-from ._limits import Limiter
+from ._limits import InFlightLimiter, InFlightSlot, Limiter
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
 from ._polling import Backoff, PollSchedule
 from ._requests import estimate_cost
@@ -59,12 +60,15 @@ __all__ = [
     "DownloadRefusedError",
     "GeneratedImage",
     "GenerationError",
+    "InFlightLimiter",
+    "InFlightSlot",
     "InsufficientCreditsError",
     "InvalidRequestError",
     "JobRecord",
     "JobState",
     "LearnedSchedule",
     "Limiter",
+    "LimiterUnavailableError",
     "MissingAPIKeyError",
     "ModelSpec",
     "ModerationError",

@@ -46,7 +46,7 @@ from ._http import (
     float_or_none,
     is_api_host,
 )
-from ._limits import Limiter, PollBudget, Slot
+from ._limits import InFlightLimiter, InFlightSlot, Limiter
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
 from ._polling import PollSchedule, _terminal, watch_task
 from ._push import EarlyEvents, FirstNow, Slowed, poll_answer
@@ -136,7 +136,7 @@ class _Watch:
     """The client's ownership of one accepted task, until it is terminal."""
 
     task: Task
-    slot: Slot
+    slot: InFlightSlot
     accepted_at: float
     done: anyio.Event
     pushed: bool = False
@@ -172,6 +172,21 @@ def _check_webhook(url: str | None, secret: str | None) -> str | None:
     return url
 
 
+def _make_limiter(
+    limiter: InFlightLimiter | str | None, limits: Mapping[str, int] | None, separate: bool
+) -> InFlightLimiter:
+    """The limiter given, else one at `limiter` or `BFL_LIMITER_URL` (redis://), else the
+    in-process one."""
+    url = (os.environ.get("BFL_LIMITER_URL") or None) if limiter is None else limiter
+    if url is None:
+        return Limiter(limits, separate_pools=separate)
+    if not isinstance(url, str):
+        return url
+    from .redis import RedisLimiter  # the optional extra, imported only when asked for
+
+    return RedisLimiter(url, limits=limits, separate_pools=separate)
+
+
 def _pool_of(model: str) -> str:
     spec = CATALOG.get(model)
     return spec.pool if spec is not None else "standard"
@@ -196,6 +211,7 @@ class AsyncBFL:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         limits: Mapping[str, int] | None = None,
         separate_pools: bool = False,
+        limiter: InFlightLimiter | str | None = None,
         poll_schedule: PollSchedule | None = None,
         poll_rate: float | None = 20.0,
         wait_timeout: float | None = 600.0,
@@ -230,14 +246,15 @@ class AsyncBFL:
         self._downloader = Downloader(
             self._http, attempts=download_attempts, max_bytes=max_download_bytes
         )
-        self._limiter = Limiter(limits, separate_pools=separate_pools)
+        self._limiter = _make_limiter(limiter, limits, separate_pools)
+        self._unsubscribe: Callable[[], None] | None = None
         self._schedule: PollSchedule = poll_schedule or LearnedSchedule()
         self.webhook_url = _check_webhook(webhook_url, webhook_secret)
         """Where BFL pushes the end of the tasks this client submits (None: polling only)."""
         self._webhook_secret = webhook_secret
         self._slowed = Slowed(self._schedule)
         self._early = EarlyEvents()
-        self._poll_budget = PollBudget(poll_rate) if poll_rate is not None else None
+        self._poll_budget = self._limiter.poll_budget(poll_rate) if poll_rate is not None else None
         self._wait_timeout = wait_timeout
         self._close_grace = close_grace
         self._on_submitted = on_submitted
@@ -253,7 +270,7 @@ class AsyncBFL:
         return f"<AsyncBFL base_url={str(self.base_url)!r}>"
 
     @property
-    def limiter(self) -> Limiter:
+    def limiter(self) -> InFlightLimiter:
         """The in-flight limiter: `client.limiter.in_use("standard")` and friends."""
         return self._limiter
 
@@ -267,6 +284,8 @@ class AsyncBFL:
     async def __aenter__(self) -> AsyncBFL:
         if self._tg is not None or self._closed:
             raise RuntimeError("an AsyncBFL can be entered once; create a new one")
+        await self._limiter.start()
+        self._unsubscribe = self._limiter.subscribe(self.deliver)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -309,6 +328,10 @@ class AsyncBFL:
                 self._tg.cancel_scope.cancel()
             if self._owns_http:
                 await self._http.aclose()
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+                await self._limiter.aclose()
 
     def _task_group(self) -> anyio.abc.TaskGroup:
         if self._closed:
@@ -323,15 +346,24 @@ class AsyncBFL:
     # --- submit ------------------------------------------------------------------------
 
     async def submit(
-        self, model: str, *, on_submitted: OnSubmitted | None = None, **params: Any
+        self,
+        model: str,
+        *,
+        on_submitted: OnSubmitted | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
+        **params: Any,
     ) -> Task:
         """Validate the parameters locally, wait for a slot, and submit one task.
 
         Returns the task's handle once BFL has accepted (and charged for) it. Raises
         `ParameterError` before sending anything when a parameter is invalid.
+        `before_send` is awaited once a slot is held, right before each POST: record there
+        that a submit may be on its way (a job queue's "submitting"), or raise to cancel it.
         """
         spec, body = build_request(model, params)
-        watch, _, _ = await self._submit(spec.name, spec.pool, body, params, on_submitted)
+        watch, _, _ = await self._submit(
+            spec.name, spec.pool, body, params, on_submitted, before_send
+        )
         return watch.task
 
     async def submit_raw(
@@ -384,7 +416,7 @@ class AsyncBFL:
         front = False
         started = anyio.current_time()
         while True:
-            slot: Slot | None = await self._limiter.acquire(pool, front=front)
+            slot: InFlightSlot | None = await self._limiter.acquire(pool, front=front)
             queued = anyio.current_time() - started
             failure: Refused | NotSent
             try:
@@ -433,7 +465,12 @@ class AsyncBFL:
             await anyio.sleep(delay * random.uniform(1.0, 1.25))
 
     def _adopt(
-        self, tg: anyio.abc.TaskGroup, accepted: Accepted, model: str, slot: Slot, pushed: bool
+        self,
+        tg: anyio.abc.TaskGroup,
+        accepted: Accepted,
+        model: str,
+        slot: InFlightSlot,
+        pushed: bool,
     ) -> _Watch:
         answer = accepted.body
         task = Task(
@@ -450,7 +487,12 @@ class AsyncBFL:
         return self._start_watch(tg, task, slot, anyio.current_time(), pushed)
 
     def _start_watch(
-        self, tg: anyio.abc.TaskGroup, task: Task, slot: Slot, accepted_at: float, pushed: bool
+        self,
+        tg: anyio.abc.TaskGroup,
+        task: Task,
+        slot: InFlightSlot,
+        accepted_at: float,
+        pushed: bool,
     ) -> _Watch:
         self._prune()
         watch = _Watch(
@@ -577,7 +619,8 @@ class AsyncBFL:
         Takes the raw request body and headers; raises `WebhookVerificationError` for a
         forged delivery (answer 401) and `WebhookPayloadError` for a malformed one (400).
         Cheap and non-blocking: answer BFL right after it returns. Call it on the event loop
-        the client runs on (from an `async def` route, not from a worker thread).
+        the client runs on (from an `async def` route, not from a worker thread). With a
+        shared limiter (Redis), the event is also published to the other workers.
         """
         if self._webhook_secret is None:
             raise RuntimeError(
@@ -586,6 +629,8 @@ class AsyncBFL:
             )
         event = verify_webhook(body, headers, self._webhook_secret)
         self.deliver(event)
+        # The load balancer may have picked a worker other than the one watching the task.
+        self._limiter.publish(event)
         return event
 
     def deliver(self, event: WebhookEvent) -> bool:

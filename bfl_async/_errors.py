@@ -24,6 +24,7 @@ __all__ = [
     "GenerationError",
     "InsufficientCreditsError",
     "InvalidRequestError",
+    "LimiterUnavailableError",
     "MissingAPIKeyError",
     "ModerationError",
     "NotFoundError",
@@ -49,6 +50,19 @@ class BFLError(Exception):
 
 class MissingAPIKeyError(BFLError):
     """No API key was given and `BFL_API_KEY` is not set."""
+
+
+class LimiterUnavailableError(BFLError):
+    """The shared in-flight limiter (Redis) cannot be reached: no new submit is made.
+
+    Raised when the client starts and Redis does not answer, and by every submit waiting
+    for a slot once it stops answering mid-run; tasks already accepted keep being watched
+    and downloaded. `url` is the limiter's address, password redacted.
+    """
+
+    def __init__(self, message: str, *, url: str) -> None:
+        self.url = url
+        super().__init__(message)
 
 
 # --- local validation: raised before anything is sent ----------------------------------

@@ -11,14 +11,98 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
 
-__all__ = ["DEFAULT_LIMITS", "Limiter", "PollBudget", "Slot"]
+if TYPE_CHECKING:
+    from .webhooks import WebhookEvent
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "InFlightLimiter",
+    "InFlightSlot",
+    "Limiter",
+    "PollBudget",
+    "Slot",
+]
 
 DEFAULT_LIMITS: Mapping[str, int] = {"standard": 24, "kontext-max": 6}
+
+
+@runtime_checkable
+class InFlightSlot(Protocol):
+    """One task's claim on its pool(s), as `AsyncBFL` uses it."""
+
+    @property
+    def released(self) -> bool:
+        """True once the slot has been given back."""
+        ...
+
+    def accepted(self) -> None:
+        """BFL accepted the task: it is in flight on the server until it is terminal."""
+        ...
+
+    def refused(self) -> None:
+        """BFL answered 429 to the submit this slot was taken for."""
+        ...
+
+    def release(self) -> None:
+        """Give the slot back (exactly once; later calls do nothing)."""
+        ...
+
+
+@runtime_checkable
+class InFlightLimiter(Protocol):
+    """What `AsyncBFL(limiter=...)` needs: slots per pool, and the work shared with them.
+
+    `Limiter` keeps the slots of one process; `bfl_async.redis.RedisLimiter` shares them
+    (and the poll budget, and webhook events) between every process using one account.
+    The client calls `start()` when it is entered and `aclose()` when it closes; both may
+    be called by several clients sharing one limiter.
+    """
+
+    async def acquire(self, pool: str, *, front: bool = False) -> InFlightSlot:
+        """Wait for a slot in `pool` (FIFO; `front` jumps the queue, for a retried submit)."""
+        ...
+
+    def claim(self, pool: str) -> InFlightSlot:
+        """Take a slot at once for a task already in flight on BFL's side."""
+        ...
+
+    def in_use(self, pool: str = "standard") -> int:
+        """Slots this process holds in `pool`."""
+        ...
+
+    def limit(self, pool: str = "standard") -> int:
+        """The pool's effective limit."""
+        ...
+
+    def waiting(self, pool: str = "standard") -> int:
+        """Submits of this process queued for a slot in `pool`."""
+        ...
+
+    def poll_budget(self, per_second: float) -> PollBudget:
+        """The budget every poll of the client takes its turn in."""
+        ...
+
+    def publish(self, event: WebhookEvent) -> None:
+        """Pass a verified webhook event on to the other processes (if shared)."""
+        ...
+
+    def subscribe(self, deliver: Callable[[WebhookEvent], object]) -> Callable[[], None]:
+        """Call `deliver` with the events other processes publish; returns an unsubscribe."""
+        ...
+
+    async def start(self) -> None:
+        """Connect what needs connecting; raise a `BFLError` if that fails."""
+        ...
+
+    async def aclose(self) -> None:
+        """Undo one `start()`."""
+        ...
 
 
 @dataclass(eq=False)
@@ -202,6 +286,23 @@ class Limiter:
     def waiting(self, pool: str = "standard") -> int:
         """Submits queued for a slot in `pool`."""
         return len(self._pools[pool].waiters)
+
+    def poll_budget(self, per_second: float) -> PollBudget:
+        """A budget for this process's polls alone."""
+        return PollBudget(per_second)
+
+    def publish(self, event: WebhookEvent) -> None:
+        """Nothing to do: every task of this limiter is watched in this process."""
+
+    def subscribe(self, deliver: Callable[[WebhookEvent], object]) -> Callable[[], None]:
+        """Nothing is ever published to a process-local limiter."""
+        return lambda: None
+
+    async def start(self) -> None:
+        """Nothing to connect."""
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
 
 
 class PollBudget:

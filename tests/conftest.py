@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from .redis_server import RedisServer, redis_server
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     """Most tests run on asyncio; end-to-end ones parametrise over trio as well."""
     return "asyncio"
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, stopped after the test."""
+    with redis_server(tmp_path) as server:
+        yield server

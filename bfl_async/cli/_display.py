@@ -12,7 +12,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from bfl_async import Limiter
+from bfl_async import InFlightLimiter
 
 from ._batch import BatchStats, JobResult
 
@@ -90,7 +90,7 @@ class PlainDisplay:
 class LiveDisplay:
     """A live panel of a batch's counters, redrawn in place; finished jobs scroll above it."""
 
-    def __init__(self, console: Console, stats: BatchStats, limiter: Limiter) -> None:
+    def __init__(self, console: Console, stats: BatchStats, limiter: InFlightLimiter) -> None:
         self._stats = stats
         self._limiter = limiter
         self._spinner = Spinner("dots", style="cyan")

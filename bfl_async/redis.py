@@ -1,0 +1,567 @@
+"""`RedisLimiter`: one account's in-flight limits, shared by every process through Redis.
+
+```
+limiter = RedisLimiter("redis://localhost:6379/0", namespace="bfl")
+async with AsyncBFL(limiter=limiter) as client:  # or BFL_LIMITER_URL=redis://...
+    ...
+```
+Slots are leases with a TTL (`lease_ttl`, default 120 s: longer than a task lives), renewed
+while their task is watched; a dead worker's slots come back when its tasks would have
+ended. Waiting submits of all processes form one FIFO in Redis; each process has one
+acquirer that feeds its local waiters, woken by a pub/sub message when a slot comes free
+(never a busy loop, never a connection per waiter). The poll budget and webhook events are
+shared the same way. asyncio only (it runs on `redis.asyncio`). Needs the `redis` extra:
+`pip install 'bfl-async[redis]'`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "bfl_async.redis needs the redis package: install it with pip install 'bfl-async[redis]'"
+    ) from exc
+
+from . import _redis_scripts as scripts
+from ._errors import LimiterUnavailableError
+from ._limits import _MARGIN, DEFAULT_LIMITS, PollBudget
+from .webhooks import WebhookEvent
+
+__all__ = ["RedisLimiter", "RedisPollBudget", "redact_url"]
+
+logger = logging.getLogger("bfl_async")
+
+_CONNECTIONS = 4  # acquirer, writer, heartbeat and polls share these; pub/sub has its own
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (if any) replaced by `***`, for messages and reprs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(eq=False)
+class _Waiter:
+    id: str
+    pools: tuple[str, ...]
+    front: bool
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    registered: bool = False
+    slot: _LeaseSlot | None = None
+    error: BaseException | None = None
+
+
+class _LeaseSlot:
+    """A lease in Redis; what it tells Redis goes through the limiter's writer, in order."""
+
+    def __init__(self, limiter: RedisLimiter, lease: str, pools: tuple[str, ...]) -> None:
+        self._limiter = limiter
+        self.lease = lease
+        self.pools = pools
+        self.is_accepted = False
+        self._released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "accepted" if self.is_accepted else "held"
+        return f"<LeaseSlot {'+'.join(self.pools)} {state}>"
+
+    @property
+    def released(self) -> bool:
+        """True once the slot has been given back."""
+        return self._released
+
+    def accepted(self) -> None:
+        """BFL accepted the task: the lease now also counts as accepted (for 429s)."""
+        if not self.is_accepted and not self._released:
+            self.is_accepted = True
+            self._limiter._on_accepted(self)
+
+    def refused(self) -> None:
+        """BFL answered 429: lower the account's shared limit to what it accepted."""
+        self._limiter._on_refused(self)
+
+    def release(self) -> None:
+        """Give the lease back (once): the next waiter of any process gets it."""
+        if not self._released:
+            self._released = True
+            self._limiter._on_release(self)
+
+
+class RedisLimiter:
+    """In-flight slots per pool, shared by every process that uses the same Redis and
+    `namespace` (one namespace per BFL account).
+
+    `limits` and `separate_pools` are those of `Limiter` (24 standard, 6 kontext-max, a
+    kontext-max task in both pools); give every process the same. `lease_ttl` must cover
+    a task's longest life: the slots of a worker that dies come back after it, not sooner.
+    `ticket_ttl` is how long a waiting submit of a dead process keeps its place in the
+    queue. Raises `LimiterUnavailableError` when Redis cannot be reached at `start()`, and
+    to waiting submits when it is lost later (tasks already accepted stay watched).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "bfl",
+        limits: Mapping[str, int] | None = None,
+        separate_pools: bool = False,
+        lease_ttl: float = 120.0,
+        ticket_ttl: float = 15.0,
+        probe_after: float = 30.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"not a Redis URL: {redact_url(url)!r} (redis://[:password@]host[:port][/db])"
+            )
+        if lease_ttl <= 0 or ticket_ttl <= 0:
+            raise ValueError("lease_ttl and ticket_ttl must be positive numbers of seconds")
+        merged = {**DEFAULT_LIMITS, **(limits or {})}
+        for name, n in merged.items():
+            if n < 1:
+                raise ValueError(f"the limit of pool {name!r} must be at least 1, not {n}")
+        self._url = url
+        self.url = redact_url(url)
+        """The Redis URL, password redacted."""
+        self.namespace = namespace
+        self.lease_ttl = lease_ttl
+        self.ticket_ttl = ticket_ttl
+        self.probe_after = probe_after
+        self._connect_timeout = connect_timeout
+        self._limits = merged
+        self._separate = separate_pools
+        self._heartbeat = min(lease_ttl, ticket_ttl) / 3
+        self._me = f"{uuid.uuid4().hex[:16]}:"
+        self._numbers = itertools.count(1)
+        self._waiters: dict[str, _Waiter] = {}
+        self._new: list[_Waiter] = []
+        self._held: dict[str, _LeaseSlot] = {}
+        self._subscribers: list[Callable[[WebhookEvent], object]] = []
+        self._ops: asyncio.Queue[tuple[str, tuple[Any, ...]]] | None = None
+        self._wake: asyncio.Event | None = None
+        self._redis: aioredis.Redis | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._users = 0
+        self._down = False
+        self.lost_leases = 0
+        """Leases found expired while their task was still watched (then put back)."""
+
+    def __repr__(self) -> str:
+        return f"<RedisLimiter {self.url} namespace={self.namespace!r}>"
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (the first call) and start the acquirer, heartbeat, writer and listener."""
+        self._users += 1
+        if self._users > 1:
+            return
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=_CONNECTIONS,
+            timeout=self._connect_timeout,
+            socket_connect_timeout=self._connect_timeout,
+            socket_timeout=max(self._connect_timeout, 5.0),
+            decode_responses=True,
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            self._users -= 1
+            await client.aclose()
+            raise LimiterUnavailableError(
+                f"cannot reach the Redis limiter at {self.url} ({_reason(exc)}); check that "
+                "Redis runs there, or unset BFL_LIMITER_URL to limit this process alone",
+                url=self.url,
+            ) from None
+        self._redis = client
+        self._scripts = {
+            name: client.register_script(getattr(scripts, name))
+            for name in ("GRANT", "HEARTBEAT", "DROP", "CLAIM", "ACCEPTED", "REFUSED", "USAGE")
+        }
+        self._poll_script = client.register_script(scripts.POLL)
+        self._ops = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._down = False
+        self._tasks = [
+            asyncio.create_task(loop(), name=f"bfl-redis-{loop.__name__.strip('_')}")
+            for loop in (self._acquirer, self._heartbeats, self._writer, self._listener)
+        ]
+
+    async def aclose(self) -> None:
+        """Undo one `start()`; the last one flushes pending releases and disconnects.
+
+        Slots still held stay leased until their TTL: their tasks may still be running.
+        """
+        if self._users == 0:
+            return
+        self._users -= 1
+        if self._users > 0:
+            return
+        if self._ops is not None and not self._down:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ops.join(), timeout=self._connect_timeout)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        self._fail_waiters(RuntimeError("the limiter was closed"))
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def __aenter__(self) -> RedisLimiter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # --- slots -------------------------------------------------------------------------
+
+    def _pools_for(self, pool: str) -> tuple[str, ...]:
+        if pool not in self._limits:
+            raise ValueError(f"unknown pool {pool!r}; known: {', '.join(self._limits)}")
+        if pool == "standard" or self._separate:
+            return (pool,)
+        return (pool, "standard")
+
+    def _running(self) -> None:
+        if self._redis is None or self._wake is None:
+            raise RuntimeError("start the RedisLimiter first (AsyncBFL does it when entered)")
+
+    async def acquire(self, pool: str, *, front: bool = False) -> _LeaseSlot:
+        """Wait for a slot in `pool`, in the FIFO of every process's waiting submits."""
+        pools = self._pools_for(pool)
+        self._running()
+        assert self._wake is not None
+        waiter = _Waiter(f"{self._me}{next(self._numbers)}", pools, front)
+        self._waiters[waiter.id] = waiter
+        self._new.append(waiter)
+        self._wake.set()
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.slot is not None:
+                waiter.slot.release()
+            else:
+                self._waiters.pop(waiter.id, None)
+                if waiter in self._new:
+                    self._new.remove(waiter)
+                if waiter.registered:
+                    self._enqueue("DROP", waiter.id, ",".join(pools))
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.slot is not None
+        return waiter.slot
+
+    def claim(self, pool: str) -> _LeaseSlot:
+        """A slot at once for a task already in flight (a resumed handle), over the limit if
+        need be: BFL counts the task anyway."""
+        pools = self._pools_for(pool)
+        self._running()
+        lease = f"{self._me}{next(self._numbers)}"
+        slot = _LeaseSlot(self, lease, pools)
+        slot.is_accepted = True
+        self._held[lease] = slot
+        self._enqueue("CLAIM", lease, ",".join(pools), self._ms(self.lease_ttl))
+        return slot
+
+    def in_use(self, pool: str = "standard") -> int:
+        """Slots this process holds in `pool` (`usage()` tells the whole account's)."""
+        return sum(1 for slot in self._held.values() if pool in slot.pools)
+
+    def limit(self, pool: str = "standard") -> int:
+        """The pool's configured limit (`usage()` tells the one lowered after 429s)."""
+        return self._limits[pool]
+
+    def waiting(self, pool: str = "standard") -> int:
+        """Submits of this process waiting for a slot in `pool`."""
+        return sum(1 for waiter in self._waiters.values() if pool in waiter.pools)
+
+    async def usage(self, pool: str = "standard") -> tuple[int, int, int]:
+        """The whole account's `(slots taken, effective limit, submits waiting in all pools)`."""
+        self._running()
+        assert self._redis is not None
+        taken, limit, waiting = await self._scripts["USAGE"](
+            args=[self.namespace, pool, self._limits[pool]]
+        )
+        return int(taken), int(limit), int(waiting)
+
+    def _on_release(self, slot: _LeaseSlot) -> None:
+        self._held.pop(slot.lease, None)
+        self._enqueue("DROP", slot.lease, ",".join(slot.pools))
+
+    def _on_accepted(self, slot: _LeaseSlot) -> None:
+        self._enqueue(
+            "ACCEPTED",
+            slot.lease,
+            self._ms(self.lease_ttl),
+            self._ms(self.probe_after),
+            *self._limit_args(slot.pools),
+        )
+
+    def _on_refused(self, slot: _LeaseSlot) -> None:
+        self._enqueue("REFUSED", *self._limit_args(slot.pools))
+
+    def _limit_args(self, pools: tuple[str, ...]) -> list[Any]:
+        return [x for pool in pools for x in (pool, self._limits[pool])]
+
+    @staticmethod
+    def _ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    # --- the poll budget and webhook events --------------------------------------------
+
+    def poll_budget(self, per_second: float) -> PollBudget:
+        """A budget shared by every process: together their polls stay under `per_second`."""
+        return RedisPollBudget(self, per_second)
+
+    def publish(self, event: WebhookEvent) -> None:
+        """Send a verified webhook event to every process (the one watching its task ends
+        the watch; the others keep it a while, in case its submit's answer is late)."""
+        if self._ops is not None:
+            self._enqueue("PUBLISH", event.model_dump_json())
+
+    def subscribe(self, deliver: Callable[[WebhookEvent], object]) -> Callable[[], None]:
+        """Call `deliver` (on this loop) with each event any process publishes."""
+        self._subscribers.append(deliver)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(deliver)
+
+        return unsubscribe
+
+    # --- background work ---------------------------------------------------------------
+
+    def _enqueue(self, op: str, *args: Any) -> None:
+        if self._ops is not None:
+            self._ops.put_nowait((op, args))
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        for waiter in list(self._waiters.values()):
+            waiter.error = error
+            waiter.event.set()
+            if waiter.registered:
+                self._enqueue("DROP", waiter.id, ",".join(waiter.pools))
+        self._waiters.clear()
+        self._new.clear()
+
+    def _unavailable(self, exc: BaseException) -> LimiterUnavailableError:
+        return LimiterUnavailableError(
+            f"lost the Redis limiter at {self.url} ({_reason(exc)}): no new submits until it "
+            "answers again, to stay under the account's limit. Tasks already submitted are "
+            "still watched and downloaded",
+            url=self.url,
+        )
+
+    def _outage(self, exc: BaseException, doing: str) -> None:
+        if not self._down:
+            self._down = True
+            logger.warning("Redis limiter at %s unreachable while %s: %s", self.url, doing, exc)
+
+    def _back(self) -> None:
+        if self._down:
+            self._down = False
+            logger.warning("Redis limiter at %s answers again", self.url)
+
+    async def _acquirer(self) -> None:
+        """The one task granting this process's waiters their slots, from the shared FIFO."""
+        assert self._wake is not None
+        wake = self._wake
+        timeout: float | None = None
+        while True:
+            if not self._waiters:
+                timeout = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout)
+            wake.clear()
+            if not self._waiters:
+                continue
+            new, self._new = self._new, []
+            for waiter in new:
+                waiter.registered = True
+            args: list[Any] = [
+                self.namespace,
+                self._me,
+                self._ms(self.lease_ttl),
+                self._ms(self.ticket_ttl),
+                len(self._limits),
+                *itertools.chain.from_iterable(self._limits.items()),
+                len(new),
+            ]
+            for waiter in new:
+                args += [waiter.id, ",".join(waiter.pools), "1" if waiter.front else "0"]
+            try:
+                granted, wake_ms = await self._scripts["GRANT"](args=args)
+            except (RedisError, OSError) as exc:
+                self._outage(exc, "acquiring a slot")
+                self._fail_waiters(self._unavailable(exc))
+                continue
+            self._back()
+            for lease in granted:
+                got = self._waiters.pop(lease, None)
+                if got is None:  # cancelled meanwhile: its DROP frees the lease
+                    continue
+                got.slot = _LeaseSlot(self, lease, got.pools)
+                self._held[lease] = got.slot
+                got.event.set()
+            # Woken by a release message; this timer only catches an expiry, or a message
+            # lost while the pub/sub connection was down.
+            wake_at = int(wake_ms) / 1000 if int(wake_ms) >= 0 else self._heartbeat
+            timeout = min(max(wake_at, 0.005), self._heartbeat)
+
+    async def _heartbeats(self) -> None:
+        """Renew the leases of the tasks this process watches, and its tickets."""
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            slots = list(self._held.values())
+            waiters = [w for w in self._waiters.values() if w.registered]
+            args: list[Any] = [
+                self.namespace,
+                self._ms(self.lease_ttl),
+                self._ms(self.ticket_ttl),
+                len(slots),
+            ]
+            for slot in slots:
+                args += [slot.lease, ",".join(slot.pools), "1" if slot.is_accepted else "0"]
+            args.append(len(waiters))
+            for waiter in waiters:
+                args += [waiter.id, ",".join(waiter.pools)]
+            try:
+                lost, requeued = await self._scripts["HEARTBEAT"](args=args)
+            except (RedisError, OSError) as exc:
+                self._outage(exc, "renewing leases")
+                continue
+            self._back()
+            for lease in lost:
+                if lease in self._held:
+                    self.lost_leases += 1
+                    logger.warning(
+                        "the lease of a watched task expired before it was renewed (this "
+                        "process stalled, or Redis lost it); it was put back, once: BFL "
+                        "still counts the task"
+                    )
+            if requeued and self._wake is not None:
+                self._wake.set()
+
+    async def _writer(self) -> None:
+        """Tell Redis, in order, what slots did: released, accepted, refused, claimed."""
+        assert self._ops is not None and self._redis is not None
+        while True:
+            op, args = await self._ops.get()
+            try:
+                if op == "PUBLISH":
+                    await self._redis.publish(f"{self.namespace}:events", args[0])
+                else:
+                    await self._scripts[op](args=[self.namespace, *args])
+            except (RedisError, OSError) as exc:
+                # A lost release comes back with its lease's TTL; a lost claim with the
+                # next heartbeat.
+                self._outage(exc, "updating a slot")
+            else:
+                self._back()
+            finally:
+                self._ops.task_done()
+
+    async def _listener(self) -> None:
+        """One pub/sub connection: release messages wake the acquirer; events are delivered."""
+        assert self._redis is not None and self._wake is not None
+        released, events = f"{self.namespace}:released", f"{self.namespace}:events"
+        delay = 0.1
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(released, events)
+                delay = 0.1
+                self._wake.set()  # anything freed while not subscribed
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is None:
+                        continue
+                    if message["channel"] == released:
+                        self._wake.set()
+                    elif message["channel"] == events:
+                        self._deliver(message["data"])
+            except (RedisError, OSError) as exc:
+                self._outage(exc, "listening for released slots")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._heartbeat)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _deliver(self, data: str) -> None:
+        try:
+            event = WebhookEvent.model_validate_json(data)
+        except ValueError:
+            logger.warning("ignored a malformed webhook event on %s:events", self.namespace)
+            return
+        for deliver in list(self._subscribers):
+            try:
+                deliver(event)
+            except Exception:
+                logger.exception("delivering the webhook event of task %s failed", event.task_id)
+
+
+class RedisPollBudget(PollBudget):
+    """A `PollBudget` whose last step is shared through Redis: the polls of every process
+    leave at least `1 / per_second` apart. Without Redis it paces this process alone."""
+
+    def __init__(self, limiter: RedisLimiter, per_second: float = 20.0) -> None:
+        super().__init__(per_second)
+        self._limiter = limiter
+        self._gap_us = round(1_000_000 * (1.0 + _MARGIN) / per_second)
+        self._warned = False
+
+    def __repr__(self) -> str:
+        return f"RedisPollBudget(per_second={self.per_second}, {self._limiter!r})"
+
+    async def send(self) -> None:
+        """Pace this process's polls, then take the account's next free moment."""
+        await super().send()
+        script = getattr(self._limiter, "_poll_script", None)
+        if script is None or self._limiter._redis is None:
+            return
+        try:
+            wait_us = await script(args=[self._limiter.namespace, self._gap_us])
+        except (RedisError, OSError) as exc:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "shared poll budget unavailable (%s); pacing this process's polls alone",
+                    _reason(exc),
+                )
+            return
+        self._warned = False
+        if int(wait_us) > 0:
+            await asyncio.sleep(int(wait_us) / 1_000_000)
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,340 @@
+"""RedisLimiter against a real redis-server: leases, fairness, the shared poll budget,
+webhook events across workers, and Redis lost at start or mid-run.
+
+Each `RedisLimiter` stands for one worker process: it has its own id, connections and
+acquirer, so several in one test process meet in Redis exactly as processes would.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from bfl_async import AsyncBFL, Backoff, LimiterUnavailableError, ModerationError, sign_webhook
+from bfl_async.redis import RedisLimiter, RedisPollBudget, redact_url
+from bfl_async.testing import FakeBFL
+
+from .redis_server import RedisServer, free_port
+
+pytestmark = pytest.mark.anyio
+
+KEY = "redis-test-key-SECRET-77aa"
+SECRET = "hook-secret-1234"
+HOOK = "https://app.test/bfl/webhook"
+FAST_POLLS = Backoff(initial=0.01, factor=1.0, maximum=0.01, jitter=0.0)
+
+
+@asynccontextmanager
+async def limiters(
+    server: RedisServer, n: int, **options: Any
+) -> AsyncIterator[list[RedisLimiter]]:
+    async with AsyncExitStack() as stack:
+        made = []
+        for _ in range(n):
+            limiter = RedisLimiter(server.url, namespace="t", **options)
+            made.append(await stack.enter_async_context(limiter))
+        yield made
+
+
+async def eventually(condition: Callable[[], Any], timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while not await _value(condition()):
+            await anyio.sleep(0.01)
+
+
+async def _value(value: Any) -> Any:
+    return await value if hasattr(value, "__await__") else value
+
+
+def commands(server: RedisServer) -> int:
+    """Commands clients have sent Redis so far: `total_commands_processed` counts the
+    commands a script runs too, so count the script calls themselves (INFO commandstats)
+    and the plain commands a limiter sends (PING, PUBLISH, SUBSCRIBE...)."""
+    text = server.command("INFO", "commandstats").decode()
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"cmdstat_(\w+):calls=(\d+)", text)}
+    return sum(counts.get(name, 0) for name in CLIENT_COMMANDS)
+
+
+# What the limiter sends itself; its scripts' inner calls (ZADD, ZRANGE...) are not counted.
+CLIENT_COMMANDS = ("evalsha", "eval", "script", "ping", "subscribe", "get", "set", "client")
+
+
+def connections(server: RedisServer) -> int:
+    text = server.command("CLIENT", "LIST").decode()
+    return sum(1 for line in text.splitlines() if " addr=" in line)
+
+
+async def test_leases_are_shared_between_processes(redis: RedisServer) -> None:
+    async with limiters(redis, 2, limits={"standard": 2}) as (a, b):
+        first = await a.acquire("standard")
+        await a.acquire("standard")
+        assert (await a.usage())[0] == 2
+        got: list[object] = []
+
+        async def take() -> None:
+            got.append(await b.acquire("standard"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            await eventually(lambda: b.waiting() == 1)
+            await anyio.sleep(0.1)
+            assert got == []  # A holds both: B waits
+            first.release()
+            first.release()  # once only
+            await eventually(lambda: len(got) == 1)
+        assert (await b.usage())[0] == 2
+        assert a.in_use() == 1 and b.in_use() == 1
+
+
+async def test_a_kontext_max_slot_counts_in_both_pools(redis: RedisServer) -> None:
+    async with limiters(redis, 2, limits={"standard": 2, "kontext-max": 1}) as (a, b):
+        kontext = await a.acquire("kontext-max")
+        assert (await a.usage("standard"))[0] == 1
+        assert (await a.usage("kontext-max"))[0] == 1
+        await b.acquire("standard")
+        with anyio.move_on_after(0.3) as waited:  # standard is full: 1 kontext + 1 standard
+            await b.acquire("standard")
+        assert waited.cancelled_caught
+        kontext.release()
+        with anyio.fail_after(5):
+            await b.acquire("standard")
+
+
+async def test_a_dead_workers_slots_come_back_after_the_ttl_not_sooner(
+    redis: RedisServer,
+) -> None:
+    ttl = 0.6
+    async with limiters(redis, 1, limits={"standard": 1}, lease_ttl=ttl) as (survivor,):
+        dead = RedisLimiter(redis.url, namespace="t", limits={"standard": 1}, lease_ttl=ttl)
+        await dead.start()
+        await dead.acquire("standard")
+        # Held (and renewed) well past its TTL while the worker lives.
+        with anyio.move_on_after(2 * ttl) as waited:
+            await survivor.acquire("standard")
+        assert waited.cancelled_caught
+        await dead.aclose()  # stops renewing; the slot is not released: its task may run on
+        died = time.monotonic()
+        with anyio.fail_after(ttl + 2):
+            await survivor.acquire("standard")
+        back = time.monotonic() - died
+        assert ttl - dead._heartbeat - 0.05 <= back <= ttl + 0.5, back
+
+
+async def test_a_lost_lease_is_noticed_and_counted_once(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with limiters(redis, 1, lease_ttl=0.6) as (a,):
+        slot = await a.acquire("standard")
+        slot.accepted()
+        await eventually(lambda: a.usage(), 2)
+        redis.command("DEL", "t:lease:standard")  # as if it expired while the process stalled
+        await eventually(lambda: a.lost_leases == 1)
+        assert "lease of a watched task expired" in caplog.text
+        assert (await a.usage())[0] == 1  # put back once, not twice
+        for _ in range(3):  # renewed again, never counted twice
+            await anyio.sleep(a._heartbeat)
+            assert (await a.usage())[0] == 1
+        assert a.lost_leases == 1
+        slot.release()
+        await eventually(lambda: _taken(a, 0))
+
+
+async def _taken(limiter: RedisLimiter, n: int) -> bool:
+    return (await limiter.usage())[0] == n
+
+
+async def test_a_cancelled_waiter_gives_its_place_back(redis: RedisServer) -> None:
+    async with limiters(redis, 2, limits={"standard": 1}) as (a, b):
+        held = await a.acquire("standard")
+        with anyio.move_on_after(0.2):
+            await b.acquire("standard")
+        assert b.waiting() == 0
+        await eventually(lambda: _waiting(a, 0))
+        held.release()
+        with anyio.fail_after(5):
+            await a.acquire("standard")
+
+
+async def _waiting(limiter: RedisLimiter, n: int) -> bool:
+    return (await limiter.usage())[2] == n
+
+
+async def test_no_worker_waits_more_than_twice_the_mean(redis: RedisServer) -> None:
+    """3 workers x 4 submit loops on 4 slots: one FIFO across processes, so each worker's
+    waits match the others' (measured after the first round, which fills the slots)."""
+    waits: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    async with limiters(redis, 3, limits={"standard": 4}) as workers:
+
+        async def loop(worker: int) -> None:
+            for round_ in range(8):
+                asked = anyio.current_time()
+                slot = await workers[worker].acquire("standard")
+                if round_:
+                    waits[worker].append(anyio.current_time() - asked)
+                await anyio.sleep(0.03)
+                slot.release()
+
+        async with anyio.create_task_group() as tg:
+            for worker in range(3):
+                for _ in range(4):
+                    tg.start_soon(loop, worker)
+    every = [w for ws in waits.values() for w in ws]
+    mean = statistics.mean(every)
+    means = {worker: statistics.mean(ws) for worker, ws in waits.items()}
+    print(f"fairness: mean {mean * 1000:.1f} ms, per worker", means, f"max {max(every):.3f}")
+    assert mean > 0.03  # they did wait: 12 loops on 4 slots
+    for worker_mean in means.values():
+        assert worker_mean <= 2 * mean
+    assert max(every) <= 2 * mean
+
+
+async def test_waiting_does_not_poll_redis_nor_hold_a_connection_per_waiter(
+    redis: RedisServer,
+) -> None:
+    async with limiters(redis, 2, limits={"standard": 1}, lease_ttl=3.0) as (a, b):
+        held = await a.acquire("standard")
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(b.acquire, "standard")
+            await eventually(lambda: b.waiting() == 20)
+            await anyio.sleep(0.1)
+            before = commands(redis)
+            await anyio.sleep(1.0)  # 20 waiters wait a second
+            during = commands(redis) - before
+            # a heartbeat a second at most per worker (min(ttl, ticket ttl) / 3 = 1 s)
+            print(f"Redis commands while 20 waiters waited 1 s: {during}")
+            assert during <= 8
+            # 2 workers: at most 4 pooled connections and 1 pub/sub each, whatever waits
+            assert connections(redis) <= 2 * 5 + 1
+            before = commands(redis)
+            held.release()
+            await eventually(lambda: b.in_use() == 1)
+            print(f"Redis commands for one release and the grant it wakes: "
+                  f"{commands(redis) - before}")  # fmt: skip
+            tg.cancel_scope.cancel()
+
+
+async def test_one_acquire_is_one_redis_call(redis: RedisServer) -> None:
+    async with limiters(redis, 1) as (a,):
+        await a.acquire("standard")  # scripts loaded
+        before = commands(redis)
+        for _ in range(10):
+            await a.acquire("standard")
+        per = (commands(redis) - before) / 10
+        print(f"Redis commands per uncontended acquire: {per}")
+        assert per <= 1.5
+
+
+async def test_the_poll_budget_is_shared_by_every_worker(redis: RedisServer) -> None:
+    async with limiters(redis, 3) as workers:
+        budgets = [RedisPollBudget(w, per_second=20.0) for w in workers]
+        sent: list[float] = []
+
+        async def poll(budget: RedisPollBudget) -> None:
+            for _ in range(8):
+                await budget.send()
+                sent.append(time.monotonic())
+
+        async with anyio.create_task_group() as tg:
+            for budget in budgets:
+                for _ in range(2):
+                    tg.start_soon(poll, budget)
+    sent.sort()
+    # 48 polls at 20 per second together: at most 21 in any one-second window.
+    for i, start in enumerate(sent):
+        assert sum(1 for t in sent[i:] if t < start + 1.0) <= 21
+    assert sent[-1] - sent[0] >= 47 / 20 * 0.95
+
+
+async def test_a_webhook_verified_on_one_worker_reaches_the_waiter_on_another(
+    redis: RedisServer,
+) -> None:
+    fake = FakeBFL(api_key=KEY, generation_time=30.0)
+    options: dict[str, Any] = dict(
+        api_key=KEY, webhook_url=HOOK, webhook_secret=SECRET, poll_schedule=FAST_POLLS,
+        retry_base_delay=0.01, close_grace=0.0,
+    )  # fmt: skip
+    async with (
+        AsyncBFL(http_client=fake.client(), limiter=RedisLimiter(redis.url), **options) as a,
+        AsyncBFL(http_client=fake.client(), limiter=RedisLimiter(redis.url), **options) as b,
+    ):
+        task = await b.submit("flux-2-pro", prompt="a fox")
+        body = json.dumps(
+            {
+                "task_id": task.id,
+                "status": "Request Moderated",
+                "details": {"Moderation Reasons": ["test"]},
+            }
+        ).encode()
+        event = a.handle_webhook(body, sign_webhook(body, SECRET))  # A does not know it
+        assert event.task_id == task.id
+        with anyio.fail_after(5), pytest.raises(ModerationError):
+            await b.wait(task)  # the fake would answer Pending for 30 s: the push ended it
+        assert b.limiter.in_use() == 0
+
+
+async def test_redis_unreachable_at_start_is_a_typed_error_without_the_password() -> None:
+    url = f"redis://:hunter2pw@127.0.0.1:{free_port()}/0"
+    with pytest.raises(LimiterUnavailableError) as caught:
+        async with AsyncBFL(api_key=KEY, limiter=url):
+            pass
+    message = str(caught.value)
+    assert "127.0.0.1" in message and "hunter2pw" not in message
+    assert caught.value.url == redact_url(url) and "***" in caught.value.url
+    assert "hunter2pw" not in repr(RedisLimiter(url))
+    with pytest.raises(ValueError, match="not a Redis URL"):
+        RedisLimiter("http://:hunter2pw@x")
+
+
+async def test_bfl_limiter_url_selects_the_redis_limiter(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BFL_LIMITER_URL", redis.url)
+    fake = FakeBFL(api_key=KEY, generation_time=0.01)
+    async with AsyncBFL(api_key=KEY, http_client=fake.client(), poll_schedule=FAST_POLLS) as c:
+        assert isinstance(c.limiter, RedisLimiter)
+        await c.wait(await c.submit("flux-2-klein-4b", prompt="a fox"))
+        assert isinstance(c._poll_budget, RedisPollBudget)
+
+
+async def test_redis_lost_mid_run_stops_submits_and_keeps_paid_tasks(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    fake = FakeBFL(api_key=KEY, generation_time=0.5)
+    limiter = RedisLimiter(redis.url, limits={"standard": 2})
+    async with AsyncBFL(
+        api_key=KEY, http_client=fake.client(), limiter=limiter, poll_schedule=FAST_POLLS,
+        retry_base_delay=0.01,
+    ) as client:  # fmt: skip
+        paid = [await client.submit("flux-2-klein-4b", prompt=f"paid {n}") for n in range(2)]
+        async with anyio.create_task_group() as tg:
+            failures: list[BaseException] = []
+
+            async def queued(n: int) -> None:
+                try:
+                    await client.submit("flux-2-klein-4b", prompt=f"queued {n}")
+                except LimiterUnavailableError as exc:
+                    failures.append(exc)
+
+            for n in range(3):
+                tg.start_soon(queued, n)
+            await eventually(lambda: limiter.waiting() == 3)
+            redis.stop()
+        assert len(failures) == 3  # the waiters were told, none was sent
+        assert "no new submits" in str(failures[0])
+        with pytest.raises(LimiterUnavailableError):
+            await client.submit("flux-2-klein-4b", prompt="after")
+        assert fake.submit_attempts == 2
+        for task in paid:  # the paid tasks are still watched and downloaded
+            result = await client.wait(task)
+            assert (await client.download(result, tmp_path)).is_file()
+        assert KEY not in str(failures[0])
