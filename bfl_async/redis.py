@@ -168,6 +168,11 @@ class RedisLimiter:
     def __repr__(self) -> str:
         return f"<RedisLimiter {self.url} namespace={self.namespace!r}>"
 
+    @property
+    def worker_id(self) -> str:
+        """This process's id in Redis: its leases and tickets are named `<worker_id>:<n>`."""
+        return self._me.rstrip(":")
+
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -104,6 +104,16 @@ Concurrency = Annotated[
         help="At most N tasks in flight (default: the account's 24; kontext-max: at most 6).",
     ),
 ]
+LimiterURL = Annotated[
+    str | None,
+    typer.Option(
+        "--limiter",
+        envvar="BFL_LIMITER_URL",
+        show_default=False,
+        help="Share the account's in-flight limits with other processes through Redis "
+        "(redis://[:password@]host:port/db; needs the redis extra).",
+    ),
+]
 Fake = Annotated[
     bool,
     typer.Option("--fake", help="Run against a fake API started in this process: no key, no cost."),
@@ -178,7 +188,7 @@ def _run(main: Callable[[], Awaitable[T]], *, status: str | None = None) -> T:
     try:
         with spinner:
             return anyio.run(main, backend="asyncio")
-    except (CLIError, BFLError, OSError) as exc:
+    except (CLIError, BFLError, OSError, ImportError) as exc:
         raise _fail(one_line(exc), _exit_code(exc)) from None
 
 
@@ -311,6 +321,7 @@ def batch(
     ] = 30.0,
     fake: Fake = False,
     concurrency: Concurrency = None,
+    limiter: LimiterURL = None,
     region: RegionOption = RegionName.GLOBAL,
     base_url: BaseUrl = None,
     api_key: ApiKey = None,
@@ -331,7 +342,9 @@ def batch(
     # On a rerun, named images already saved are the batch's own: the journal knows them.
     jobs = _load_jobs(jobs_file, None if resuming else output_dir, overwrite)
     connection = dataclasses.replace(
-        _connection(api_key, base_url, region, concurrency, fake), close_grace=0.0
+        _connection(api_key, base_url, region, concurrency, fake),
+        close_grace=0.0,
+        limiter=limiter or None,
     )
     _check(connection)
     _make_dir(output_dir)

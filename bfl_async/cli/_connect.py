@@ -54,6 +54,8 @@ class Connection:
     fake: bool = False
     close_grace: float = 30.0
     """Seconds the client waits for tasks in flight when it closes."""
+    limiter: str | None = field(default=None, repr=False)
+    """A Redis URL sharing the in-flight limits with other processes (it may hold a password)."""
 
     def check(self) -> None:
         """Refuse to go on without a key, rather than ever faking a paid run silently."""
@@ -96,6 +98,7 @@ async def open_client(
             region=connection.region,
             base_url=connection.base_url,
             limits=connection.limits,
+            limiter=connection.limiter,
             on_submitted=on_submitted,
             close_grace=connection.close_grace,
         ) as client:
@@ -108,6 +111,7 @@ async def open_client(
             fake.api_key,
             base_url=fake.base_url,
             limits=connection.limits,
+            limiter=connection.limiter,
             on_submitted=on_submitted,
             close_grace=connection.close_grace,
             poll_schedule=Backoff(initial=0.05, factor=1.5, maximum=0.5),

@@ -1,0 +1,121 @@
+"""Many worker processes, one account: 4 processes share one FakeBFL (limit 24) through
+one Redis; and the arq recipe (examples/workers/) survives a SIGKILLed worker.
+
+The fake runs in this process (on a background event loop) so its ledger outlives the
+workers; each worker is a real process with its own RedisLimiter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from anyio.from_thread import start_blocking_portal
+
+from bfl_async.testing import FakeBFL
+
+from .redis_server import RedisServer
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes and signals")
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "workers-test-key-SECRET-90ab"
+IMAGE_SUFFIXES = (".jpg", ".png", ".webp")
+
+
+def generation_time(model: str, rng: random.Random) -> float:
+    return rng.uniform(0.2, 0.6)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeBFL]:
+    with start_blocking_portal(backend="asyncio") as portal:
+        server = FakeBFL(api_key=KEY, generation_time=generation_time, limits={"standard": 24})
+        with portal.wrap_async_context_manager(server):
+            yield server
+
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BFL_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["BFL_API_KEY"] = KEY
+    return env
+
+
+class Processes:
+    """Child processes, killed at the end of the test whatever happened."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(self, args: list[str], log: Path) -> subprocess.Popen[str]:
+        out = open(log, "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, text=True, env=environment(), cwd=ROOT
+        )
+        out.close()
+        self.started.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    running = Processes()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_four_workers_share_one_accounts_limit(
+    fake: FakeBFL, redis: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    workers = [
+        processes.start(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "batch_worker.py"),
+                fake.base_url,
+                redis.url,
+                str(tmp_path / f"out{n}"),
+                "48",
+                f"worker{n}",
+            ],
+            tmp_path / f"worker{n}.log",
+        )  # fmt: skip
+        for n in range(4)
+    ]
+    for worker in workers:
+        worker.wait(120)
+    elapsed = time.monotonic() - started
+    logs = [(tmp_path / f"worker{n}.log").read_text(encoding="utf-8") for n in range(4)]
+    for worker, log in zip(workers, logs, strict=True):
+        assert worker.returncode == 0, log
+        assert KEY not in log
+    summaries = [json.loads(log.strip().splitlines()[-1]) for log in logs]
+    images = [p for n in range(4) for p in (tmp_path / f"out{n}").iterdir()]
+    images = [p for p in images if p.suffix in IMAGE_SUFFIXES]
+    print(
+        f"4 workers x 48 jobs: {elapsed:.1f} s, peak in flight {fake.peak_in_flight}, "
+        f"429s {fake.rate_limited}, submits {fake.submits}, polls {fake.polls}"
+    )
+    assert [s["states"] for s in summaries] == [{"downloaded": 48}] * 4
+    assert len(images) == 192
+    assert fake.rate_limited == 0
+    assert fake.peak_in_flight["standard"] <= 24
+    assert fake.peak_in_flight["standard"] >= 12  # the workers did run side by side
+    assert fake.submits == 192 and fake.duplicate_submits == 0
