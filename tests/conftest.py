@@ -16,6 +16,12 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def _no_shared_limiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BFL_LIMITER_URL of the developer's shell must not send every test to Redis."""
+    monkeypatch.delenv("BFL_LIMITER_URL", raising=False)
+
+
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port, stopped after the test."""

@@ -21,13 +21,14 @@ from anyio.from_thread import start_blocking_portal
 
 from bfl_async.testing import FakeBFL
 
-from .redis_server import RedisServer
+from .redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes and signals")
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "workers-test-key-SECRET-90ab"
 IMAGE_SUFFIXES = (".jpg", ".png", ".webp")
+CLI = [sys.executable, "-m", "bfl_async.cli"]
 
 
 def generation_time(model: str, rng: random.Random) -> float:
@@ -119,3 +120,40 @@ def test_four_workers_share_one_accounts_limit(
     assert fake.peak_in_flight["standard"] <= 24
     assert fake.peak_in_flight["standard"] >= 12  # the workers did run side by side
     assert fake.submits == 192 and fake.duplicate_submits == 0
+
+
+def test_bfl_batch_takes_its_slots_from_redis(
+    fake: FakeBFL, redis: RedisServer, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        "".join(
+            json.dumps({"model": "flux-2-klein-4b", "prompt": f"cli {n}", "name": f"cli-{n}"})
+            + "\n"
+            for n in range(3)
+        ),
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    args = [*CLI, "batch", str(jobs), "-o", str(out), "--base-url", fake.base_url]
+    done = subprocess.run(
+        [*args, "--limiter", redis.url], env=environment(), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir() if p.suffix in IMAGE_SUFFIXES) == [
+        "cli-0.jpg", "cli-1.jpg", "cli-2.jpg"
+    ]  # fmt: skip
+    # Redis saw this batch: its leases came and went through the shared sorted set.
+    assert b"bfl:seq" in redis.command("KEYS", "bfl:*")
+
+    unreachable = f"redis://:pw-SECRET-x@127.0.0.1:{free_port()}/0"
+    env = {**environment(), "BFL_LIMITER_URL": unreachable}
+    failed = subprocess.run(
+        [*args, "-o", str(tmp_path / "other")], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert failed.returncode == 1
+    assert "cannot reach the Redis limiter at redis://:***@127.0.0.1" in failed.stderr
+    assert "pw-SECRET-x" not in failed.stdout + failed.stderr
+    assert fake.submits == 3
