@@ -85,21 +85,13 @@ def test_four_workers_share_one_accounts_limit(
     fake: FakeBFL, redis: RedisServer, processes: Processes, tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    workers = [
-        processes.start(
-            [
-                sys.executable,
-                str(ROOT / "tests" / "batch_worker.py"),
-                fake.base_url,
-                redis.url,
-                str(tmp_path / f"out{n}"),
-                "48",
-                f"worker{n}",
-            ],
-            tmp_path / f"worker{n}.log",
-        )  # fmt: skip
-        for n in range(4)
-    ]
+    script = str(ROOT / "tests" / "batch_worker.py")
+
+    def worker(n: int) -> list[str]:
+        return [sys.executable, script, fake.base_url, redis.url, str(tmp_path / f"out{n}"),
+                "48", f"worker{n}"]  # fmt: skip
+
+    workers = [processes.start(worker(n), tmp_path / f"worker{n}.log") for n in range(4)]
     for worker in workers:
         worker.wait(120)
     elapsed = time.monotonic() - started
