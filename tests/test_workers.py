@@ -7,9 +7,11 @@ workers; each worker is a real process with its own RedisLimiter.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -149,3 +151,118 @@ def test_bfl_batch_takes_its_slots_from_redis(
     assert "cannot reach the Redis limiter at redis://:***@127.0.0.1" in failed.stderr
     assert "pw-SECRET-x" not in failed.stdout + failed.stderr
     assert fake.submits == 3
+
+
+# --- the arq recipe: examples/workers/ ---------------------------------------------------
+
+
+def recipe_environment(fake: FakeBFL, redis: RedisServer, out: Path, ttl: float) -> dict[str, str]:
+    env = environment()
+    env.update(
+        BFL_LIMITER_URL=redis.url, BFL_BASE_URL=fake.base_url, BFL_OUTPUT_DIR=str(out),
+        BFL_LEASE_TTL=str(ttl), BFL_JOB_TIMEOUT="8", BFL_MAX_JOBS="12",
+    )  # fmt: skip
+    return env
+
+
+def worker_id(log: Path, process: subprocess.Popen[str]) -> str:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        for line in log.read_text(encoding="utf-8").splitlines():
+            if "bfl worker " in line and " ready" in line:
+                return line.split("bfl worker ", 1)[1].split()[0]
+        time.sleep(0.01)
+    raise AssertionError(f"the worker did not start: {log.read_text(encoding='utf-8')}")
+
+
+def test_a_killed_arq_worker_loses_nothing_and_pays_nothing_twice(
+    fake: FakeBFL, redis: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    import redis as redis_client
+
+    sys.path.insert(0, str(ROOT / "examples" / "workers"))
+    try:
+        from enqueue import enqueue
+    finally:
+        sys.path.pop(0)
+    ttl = 2.0
+    out = tmp_path / "images"
+    jobs = [
+        (f"job-{n}", {"model": "flux-2-klein-4b", "prompt": f"recipe {n}", "width": 256})
+        for n in range(48)
+    ]
+    assert asyncio.run(enqueue(jobs, redis.url)) == 48
+    assert asyncio.run(enqueue(jobs, redis.url)) == 0  # one job per id
+    store = redis_client.Redis.from_url(redis.url, decode_responses=True)
+    env = recipe_environment(fake, redis, out, ttl)
+    command = [sys.executable, str(ROOT / "examples" / "workers" / "bfl_worker.py"), "--burst"]
+    workers = []
+    for n in range(3):
+        log = tmp_path / f"worker{n}.log"
+        out_file = open(log, "w", encoding="utf-8")  # noqa: SIM115 - handed to the process
+        workers.append(
+            subprocess.Popen(
+                command, stdout=out_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path
+            )
+        )
+        out_file.close()
+        processes.started.append(workers[-1])
+    victim = workers[0]
+    victim_id = worker_id(tmp_path / "worker0.log", victim)
+
+    def victims_leases() -> list[str]:
+        """The victim's unexpired leases (an expired one counts for nobody, even before the
+        next acquire sweeps it away)."""
+        seconds, micros = store.time()
+        now = seconds * 1000 + micros // 1000
+        leases = store.zrange("bfl:lease:standard", now, "+inf", byscore=True)
+        return [m for m in leases if m.startswith(victim_id)]
+
+    def submitting() -> list[str]:
+        # The victim's jobs whose POST may be on its way: killing it then would leave them
+        # uncertain (correctly, but this test is about what can be recovered).
+        found = []
+        for key in store.scan_iter("bfl-jobs:*"):
+            record = store.hgetall(key)
+            if record.get("state") == "submitting" and record.get("worker") == victim_id:
+                found.append(key)
+        return found
+
+    deadline = time.monotonic() + 60
+    while True:  # mid-batch: some images saved, the victim holding slots, none mid-submit
+        assert time.monotonic() < deadline and victim.poll() is None, "no moment to kill"
+        if len(list(out.glob("*.jpg"))) >= 8 and victims_leases():
+            os.kill(victim.pid, signal.SIGSTOP)
+            if victims_leases() and not submitting():
+                break
+            os.kill(victim.pid, signal.SIGCONT)
+        time.sleep(0.005)
+    held = victims_leases()
+    os.kill(victim.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    victim.wait(10)
+    while victims_leases():
+        assert time.monotonic() - killed < ttl + 2, "the dead worker's slots did not come back"
+        time.sleep(0.01)
+    recovered = time.monotonic() - killed
+    for survivor in workers[1:]:
+        survivor.wait(120)
+    elapsed = time.monotonic() - killed
+    logs = [(tmp_path / f"worker{n}.log").read_text(encoding="utf-8") for n in range(3)]
+    assert all(KEY not in log for log in logs)
+    records = {key: store.hgetall(key) for key in store.scan_iter("bfl-jobs:*")}
+    reattached = sum(1 for r in records.values() if r.get("worker") == victim_id)
+    print(
+        f"SIGKILL: the victim held {len(held)} slots; back after {recovered:.2f} s (TTL {ttl} s);"
+        f" survivors done {elapsed:.1f} s after the kill; {reattached} jobs had been submitted"
+        f" by the victim; submits {fake.submits}, duplicates {fake.duplicate_submits}"
+    )
+    assert [w.returncode for w in workers[1:]] == [0, 0], logs
+    assert ttl / 2 <= recovered <= ttl + 0.5  # when its tasks would have ended, not sooner
+    assert len(records) == 48
+    assert {r["state"] for r in records.values()} == {"done"}, records
+    assert sorted(p.stem for p in out.glob("*.jpg")) == sorted(job_id for job_id, _ in jobs)
+    assert fake.duplicate_submits == 0
+    assert fake.submits == 48  # every job paid once: reruns re-attached to the victim's tasks
+    assert fake.rate_limited == 0
+    store.close()
