@@ -495,17 +495,32 @@ class RedisLimiter:
 
     async def _listener(self) -> None:
         """One pub/sub connection: release messages wake the acquirer; events are delivered."""
-        assert self._redis is not None and self._wake is not None
+        assert self._wake is not None
         released, events = f"{self.namespace}:released", f"{self.namespace}:events"
+        # Its own connection, which may stay silent for ever: no read timeout, but a PING
+        # now and then to notice a dead connection.
+        client = aioredis.Redis.from_url(
+            self._url,
+            socket_connect_timeout=self._connect_timeout,
+            health_check_interval=max(1.0, self._heartbeat),
+            decode_responses=True,
+        )
+        try:
+            await self._listen(client, released, events)
+        finally:
+            await client.aclose()
+
+    async def _listen(self, client: aioredis.Redis, released: str, events: str) -> None:
+        assert self._wake is not None
         delay = 0.1
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(released, events)
                 delay = 0.1
                 self._wake.set()  # anything freed while not subscribed
                 while True:
-                    message = await pubsub.get_message(timeout=None)
+                    message = await pubsub.get_message(timeout=self._heartbeat)
                     if message is None:
                         continue
                     if message["channel"] == released:

@@ -16,8 +16,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from anyio.from_thread import start_blocking_portal
 
@@ -266,3 +268,65 @@ def test_a_killed_arq_worker_loses_nothing_and_pays_nothing_twice(
     assert fake.submits == 48  # every job paid once: reruns re-attached to the victim's tasks
     assert fake.rate_limited == 0
     store.close()
+
+
+# --- FastAPI under uvicorn --workers 2: webhooks reach whichever worker ---------------------
+
+
+def test_uvicorn_workers_hand_webhooks_over_through_redis(
+    redis: RedisServer, processes: Processes, tmp_path: Path
+) -> None:
+    """The example app under `uvicorn --workers 2`: BFL's webhook for a task lands on either
+    worker; the one whose request waits for it gets it through Redis, at once. Polls are
+    only a slow safety net with webhooks on, so a result missing its push would take far
+    longer than the bound below."""
+    port = free_port()
+    secret = "whsec-workers-0123456789"
+    with start_blocking_portal(backend="asyncio") as portal:
+        fake = FakeBFL(api_key=KEY, generation_time=0.3)
+        with portal.wrap_async_context_manager(fake):
+            env = environment()
+            env.update(
+                BFL_BASE_URL=fake.base_url, BFL_LIMITER_URL=redis.url,
+                PUBLIC_URL=f"http://127.0.0.1:{port}", BFL_WEBHOOK_SECRET=secret,
+                IMAGES_DIR=str(tmp_path / "images"), BFL_MODEL="flux-2-klein-4b",
+            )  # fmt: skip
+            command = [
+                sys.executable, "-m", "uvicorn", "--factory",
+                "examples.fastapi_app.app:app_from_environment", "--workers", "2",
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            ]  # fmt: skip
+            log = tmp_path / "uvicorn.log"
+            with open(log, "w", encoding="utf-8") as out:
+                server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+            processes.started.append(server)  # type: ignore[arg-type]
+            base = f"http://127.0.0.1:{port}"
+            with httpx.Client(timeout=30) as http:
+                deadline = time.monotonic() + 30
+                workers: set[str] = set()
+                while len(workers) < 2:  # both workers up: each answers with its own pid
+                    assert time.monotonic() < deadline, log.read_text(encoding="utf-8")
+                    try:
+                        # a new connection each time, for the kernel to pick a worker
+                        answer = http.get(f"{base}/health", headers={"connection": "close"})
+                        workers.add(answer.json()["worker"])
+                    except (httpx.HTTPError, ValueError, KeyError):
+                        time.sleep(0.05)
+                started = time.monotonic()
+                with ThreadPoolExecutor(8) as pool:
+                    answers = list(
+                        pool.map(
+                            lambda n: http.post(f"{base}/images", json={"prompt": f"fox {n}"}),
+                            range(8),
+                        )
+                    )
+                elapsed = time.monotonic() - started
+            assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+            assert all(a.json()["status"] == "ready" for a in answers)
+            print(
+                f"uvicorn --workers 2: 8 images in {elapsed:.2f} s, webhooks sent "
+                f"{fake.webhooks.delivered}, polls {fake.polls}"
+            )
+            assert fake.webhooks.delivered == 8
+            assert elapsed < 4.0
+            assert fake.polls <= 4  # the results came by push, not by polling

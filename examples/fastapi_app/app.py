@@ -8,9 +8,13 @@
 - `GET /tasks/{task_id}`: pending, ready (with the URL) or failed.
 - `POST /bfl/webhook`: where BFL pushes each task's end (verified, 401 if forged).
 - `GET /files/{name}`: the images, served from disk.
+- `GET /health`: ok, and which worker process answered.
 
 One `AsyncBFL` serves every request, so all of them share its in-flight limit. Without
-PUBLIC_URL and BFL_WEBHOOK_SECRET it polls instead.
+PUBLIC_URL and BFL_WEBHOOK_SECRET it polls instead. With BFL_LIMITER_URL=redis://... it runs
+under `uvicorn --workers N`: the workers share the account's limits and poll budget, and a
+webhook reaching any worker ends the wait of the one that submitted the task. (`/tasks/{id}`
+stays per worker: a real service keeps that state in its database.)
 """
 
 from __future__ import annotations
@@ -102,6 +106,11 @@ def create_app(
                 assert outcome.error is not None
                 answers[outcome.index] = failed(outcome.error)
         return answers
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """For the load balancer; `worker` tells which process answered."""
+        return {"status": "ok", "worker": str(os.getpid())}
 
     @app.get("/tasks/{task_id}")
     async def task_status(task_id: str) -> Any:
