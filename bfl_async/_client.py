@@ -522,7 +522,10 @@ class AsyncBFL:
             watch.error = exc
             logger.info("task %s ended: %s", watch.task.id, exc)
         finally:
-            watch.slot.release()
+            if watch.result is None and watch.error is None:
+                watch.slot.abandon()  # the client closes while BFL still counts the task
+            else:
+                watch.slot.release()
             watch.finished_at = anyio.current_time()
             self._finished.append(watch)
             watch.done.set()

@@ -53,6 +53,11 @@ class InFlightSlot(Protocol):
         """Give the slot back (exactly once; later calls do nothing)."""
         ...
 
+    def abandon(self) -> None:
+        """The client closes while the task is still in flight: stop holding the slot
+        without saying the task ended (a shared lease then lapses with its TTL)."""
+        ...
+
 
 @runtime_checkable
 class InFlightLimiter(Protocol):
@@ -215,6 +220,10 @@ class Slot:
         self._released = True
         for pool in self._pools:
             pool.give_back(self._accepted)
+
+    def abandon(self) -> None:
+        """Released: this process's limiter has no one left to count the task for."""
+        self.release()
 
 
 class Limiter:

@@ -104,6 +104,13 @@ class _LeaseSlot:
             self._released = True
             self._limiter._on_release(self)
 
+    def abandon(self) -> None:
+        """Stop renewing the lease, but leave it: BFL still counts the task, so the slot
+        comes back when the lease expires, as if this process had died."""
+        if not self._released:
+            self._released = True
+            self._limiter._held.pop(self.lease, None)
+
 
 class RedisLimiter:
     """In-flight slots per pool, shared by every process that uses the same Redis and

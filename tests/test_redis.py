@@ -338,3 +338,49 @@ async def test_redis_lost_mid_run_stops_submits_and_keeps_paid_tasks(
             result = await client.wait(task)
             assert (await client.download(result, tmp_path)).is_file()
         assert KEY not in str(failures[0])
+
+
+async def test_429s_still_lower_the_shared_limit(redis: RedisServer) -> None:
+    """Someone else uses the key: BFL takes 3 of ours, not 24. The workers drop to what it
+    accepted, together, instead of each hammering it."""
+    fake = FakeBFL(api_key=KEY, generation_time=0.2, limits={"standard": 3})
+    options: dict[str, Any] = dict(
+        api_key=KEY, poll_schedule=FAST_POLLS, retry_base_delay=0.01, poll_rate=None
+    )
+    async with (
+        AsyncBFL(http_client=fake.client(), limiter=RedisLimiter(redis.url), **options) as a,
+        AsyncBFL(http_client=fake.client(), limiter=RedisLimiter(redis.url), **options) as b,
+    ):
+        tasks = []
+        async with anyio.create_task_group() as tg:
+            for n in range(12):
+                client = a if n % 2 else b
+
+                async def one(client: AsyncBFL = client, n: int = n) -> None:
+                    tasks.append(
+                        await client.wait(await client.submit("flux-2-klein-4b", prompt=f"x {n}"))
+                    )
+
+                tg.start_soon(one)
+        assert len(tasks) == 12
+        _, limit, _ = await a.limiter.usage()  # type: ignore[attr-defined]
+        print(f"429s with a hidden limit of 3: {fake.rate_limited}; shared limit now {limit}")
+        assert limit <= 4
+        assert fake.rate_limited <= 12  # the first burst, then the shared limit holds
+
+
+async def test_a_closing_client_leaves_the_leases_of_running_tasks_to_expire(
+    redis: RedisServer,
+) -> None:
+    fake = FakeBFL(api_key=KEY, generation_time=30.0)
+    async with limiters(redis, 1, lease_ttl=0.6) as (other,):
+        limiter = RedisLimiter(redis.url, namespace="t", lease_ttl=0.6)
+        async with AsyncBFL(
+            api_key=KEY, http_client=fake.client(), limiter=limiter, close_grace=0.0,
+            poll_schedule=FAST_POLLS,
+        ) as client:  # fmt: skip
+            await client.submit("flux-2-klein-4b", prompt="still running")
+        closed = time.monotonic()
+        assert (await other.usage())[0] == 1  # BFL still counts it
+        await eventually(lambda: _taken(other, 0), 3)
+        assert time.monotonic() - closed >= 0.2
