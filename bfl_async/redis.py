@@ -564,6 +564,7 @@ class RedisPollBudget(PollBudget):
         self._limiter = limiter
         self._gap_us = round(1_000_000 * (1.0 + _MARGIN) / per_second)
         self._warned = False
+        self._skip_until = 0.0
 
     def __repr__(self) -> str:
         return f"RedisPollBudget(per_second={self.per_second}, {self._limiter!r})"
@@ -574,9 +575,14 @@ class RedisPollBudget(PollBudget):
         script = getattr(self._limiter, "_poll_script", None)
         if script is None or self._limiter._redis is None:
             return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._skip_until:
+            return
         try:
             wait_us = await script(args=[self._limiter.namespace, self._gap_us])
         except (RedisError, OSError) as exc:
+            # Not every poll should wait for a connect timeout: ask again in a while.
+            self._skip_until = loop.time() + self._limiter._heartbeat
             if not self._warned:
                 self._warned = True
                 logger.warning(

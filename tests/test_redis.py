@@ -384,3 +384,58 @@ async def test_a_closing_client_leaves_the_leases_of_running_tasks_to_expire(
         assert (await other.usage())[0] == 1  # BFL still counts it
         await eventually(lambda: _taken(other, 0), 3)
         assert time.monotonic() - closed >= 0.2
+
+
+async def test_neither_the_api_key_nor_the_webhook_secret_reaches_redis(
+    redis: RedisServer,
+) -> None:
+    import redis as redis_client
+
+    fake = FakeBFL(api_key=KEY, generation_time=0.05)
+    async with AsyncBFL(
+        api_key=KEY, http_client=fake.client(), limiter=RedisLimiter(redis.url),
+        webhook_url=HOOK, webhook_secret=SECRET, poll_schedule=FAST_POLLS,
+    ) as client:  # fmt: skip
+        task = await client.submit("flux-2-klein-4b", prompt="a fox")
+        body = json.dumps({"task_id": task.id, "status": "Error"}).encode()
+        client.handle_webhook(body, sign_webhook(body, SECRET))
+        with pytest.raises(Exception):  # noqa: B017 - GenerationError; only Redis matters here
+            await client.wait(task)
+        slot = await client.limiter.acquire("standard")
+        slot.accepted()
+        slot.refused()
+        await eventually(lambda: redis.command("EXISTS", "bfl:adapt").startswith(b":1"))
+        seen: list[str] = []
+        store = redis_client.Redis.from_url(redis.url, decode_responses=True)
+        try:
+            for key in store.scan_iter("*"):
+                seen.append(key)
+                kind = store.type(key)
+                if kind == "hash":
+                    seen += [f"{k}={v}" for k, v in store.hgetall(key).items()]
+                elif kind == "zset":
+                    seen += store.zrange(key, 0, -1)
+                elif kind == "string":
+                    seen.append(str(store.get(key)))
+        finally:
+            store.close()
+        slot.release()
+    text = "\n".join(seen)
+    assert "bfl:lease:standard" in text and "bfl:adapt" in text
+    assert KEY not in text and SECRET not in text
+
+
+def test_the_redis_extra_is_named_when_it_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    monkeypatch.delitem(sys.modules, "bfl_async.redis", raising=False)
+    with pytest.raises(ImportError, match=r"bfl-async\[redis\]"):
+        importlib.import_module("bfl_async.redis")
+    with pytest.raises(ImportError, match=r"bfl-async\[redis\]"):
+        AsyncBFL(api_key=KEY, limiter="redis://127.0.0.1:1/0")
+    import bfl_async  # the core never needs it
+
+    assert "RedisLimiter" not in bfl_async.__all__
