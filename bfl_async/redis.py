@@ -184,6 +184,13 @@ class RedisLimiter:
 
     async def start(self) -> None:
         """Connect (the first call) and start the acquirer, heartbeat, writer and listener."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "RedisLimiter runs on asyncio only (redis.asyncio); under trio, use the "
+                "in-process Limiter"
+            ) from None
         self._users += 1
         if self._users > 1:
             return

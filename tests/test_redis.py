@@ -439,3 +439,10 @@ def test_the_redis_extra_is_named_when_it_is_missing(monkeypatch: pytest.MonkeyP
     import bfl_async  # the core never needs it
 
     assert "RedisLimiter" not in bfl_async.__all__
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_under_trio_the_redis_limiter_says_it_is_asyncio_only() -> None:
+    with pytest.raises(RuntimeError, match="asyncio only"):
+        async with AsyncBFL(api_key=KEY, limiter=RedisLimiter("redis://127.0.0.1:1/0")):
+            pass
