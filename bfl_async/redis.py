@@ -543,6 +543,7 @@ class RedisLimiter:
                         self._deliver(message["data"])
             except (RedisError, OSError) as exc:
                 self._outage(exc, "listening for released slots")
+                self._wake.set()  # waiting submits learn at once whether Redis is gone
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._heartbeat)
             finally:

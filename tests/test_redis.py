@@ -212,7 +212,7 @@ async def test_waiting_does_not_poll_redis_nor_hold_a_connection_per_waiter(
             during = commands(redis) - before
             # a heartbeat a second at most per worker (min(ttl, ticket ttl) / 3 = 1 s)
             print(f"Redis commands while 20 waiters waited 1 s: {during}")
-            assert during <= 8
+            assert during <= 10  # heartbeats, expiry timers, pub/sub health checks
             # 2 workers: at most 4 pooled connections and 1 pub/sub each, whatever waits
             assert connections(redis) <= 2 * 5 + 1
             before = commands(redis)
@@ -329,6 +329,9 @@ async def test_redis_lost_mid_run_stops_submits_and_keeps_paid_tasks(
                 tg.start_soon(queued, n)
             await eventually(lambda: limiter.waiting() == 3)
             redis.stop()
+            stopped = time.monotonic()
+        print(f"waiting submits told Redis is gone after {time.monotonic() - stopped:.3f} s")
+        assert time.monotonic() - stopped < 2  # told at once, not at the next timer
         assert len(failures) == 3  # the waiters were told, none was sent
         assert "no new submits" in str(failures[0])
         with pytest.raises(LimiterUnavailableError):
