@@ -449,3 +449,32 @@ async def test_under_trio_the_redis_limiter_says_it_is_asyncio_only() -> None:
     with pytest.raises(RuntimeError, match="asyncio only"):
         async with AsyncBFL(api_key=KEY, limiter=RedisLimiter("redis://127.0.0.1:1/0")):
             pass
+
+
+async def test_a_batch_losing_redis_saves_what_it_paid_for_and_submits_nothing_more(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    jobs = [{"model": "flux-2-klein-4b", "prompt": f"job {n}", "name": f"j{n}"} for n in range(8)]
+    fake = FakeBFL(api_key=KEY, generation_time=0.5)
+    records = []
+    client = AsyncBFL(
+        api_key=KEY, http_client=fake.client(), poll_schedule=FAST_POLLS, retry_base_delay=0.01,
+        limiter=RedisLimiter(redis.url, limits={"standard": 3}),
+    )  # fmt: skip
+
+    async def stop_redis() -> None:
+        await eventually(lambda: fake.submits == 3)
+        redis.stop()
+
+    async with client, client.batch(jobs, tmp_path) as batch, anyio.create_task_group() as tg:
+        tg.start_soon(stop_redis)
+        async for record in batch:
+            records.append(record)
+    states = {r.name: r.state for r in records}
+    print("batch after Redis was lost:", batch.counts())
+    assert fake.submits == 3  # nothing more was sent once Redis was gone
+    assert sorted(n for n, s in states.items() if s == "downloaded") == sorted(
+        t.body["prompt"].replace("job ", "j") for t in fake.tasks.values()
+    )  # the three paid tasks were watched and saved
+    failed = [r for r in records if r.state == "failed"]
+    assert len(failed) == 5 and all(r.error_type == "LimiterUnavailableError" for r in failed)
