@@ -42,6 +42,8 @@ def bfl_lifespan(
 
     Shutdown waits for the tasks in flight as `AsyncBFL.aclose` does. To combine it with a
     lifespan of your own, enter `bfl_lifespan(...)(app)` in yours and yield its state.
+    Under `uvicorn --workers N`, pass `limiter="redis://..."` (or set BFL_LIMITER_URL): the
+    workers then share the account's limits, and webhooks reach the worker that waits.
     """
 
     @asynccontextmanager
