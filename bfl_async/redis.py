@@ -166,6 +166,8 @@ class RedisLimiter:
         self._ops: asyncio.Queue[tuple[str, tuple[Any, ...]]] | None = None
         self._wake: asyncio.Event | None = None
         self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self._poll_script: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._users = 0
         self._down = False
@@ -237,8 +239,9 @@ class RedisLimiter:
         self._users -= 1
         if self._users > 0:
             return
+        self._fail_waiters(RuntimeError("the limiter was closed"))
         if self._ops is not None and not self._down:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._ops.join(), timeout=self._connect_timeout)
         for task in self._tasks:
             task.cancel()
@@ -246,7 +249,7 @@ class RedisLimiter:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
-        self._fail_waiters(RuntimeError("the limiter was closed"))
+        self._poll_script = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -416,7 +419,7 @@ class RedisLimiter:
         while True:
             if not self._waiters:
                 timeout = None
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError from 3.11 on
                 await asyncio.wait_for(wake.wait(), timeout)
             wake.clear()
             if not self._waiters:
@@ -437,8 +440,11 @@ class RedisLimiter:
                 args += [waiter.id, ",".join(waiter.pools), "1" if waiter.front else "0"]
             try:
                 granted, wake_ms = await self._scripts["GRANT"](args=args)
-            except (RedisError, OSError) as exc:
-                self._outage(exc, "acquiring a slot")
+            except Exception as exc:  # never leave waiters waiting on a dead acquirer
+                if isinstance(exc, RedisError | OSError):
+                    self._outage(exc, "acquiring a slot")
+                else:
+                    logger.exception("the Redis limiter's acquirer failed")
                 self._fail_waiters(self._unavailable(exc))
                 continue
             self._back()
@@ -476,6 +482,9 @@ class RedisLimiter:
             except (RedisError, OSError) as exc:
                 self._outage(exc, "renewing leases")
                 continue
+            except Exception:
+                logger.exception("renewing the leases in Redis failed")
+                continue
             self._back()
             for lease in lost:
                 if lease in self._held:
@@ -502,6 +511,8 @@ class RedisLimiter:
                 # A lost release comes back with its lease's TTL; a lost claim with the
                 # next heartbeat.
                 self._outage(exc, "updating a slot")
+            except Exception:
+                logger.exception("updating a slot in Redis failed (%s)", op)
             else:
                 self._back()
             finally:
@@ -580,8 +591,8 @@ class RedisPollBudget(PollBudget):
     async def send(self) -> None:
         """Pace this process's polls, then take the account's next free moment."""
         await super().send()
-        script = getattr(self._limiter, "_poll_script", None)
-        if script is None or self._limiter._redis is None:
+        script = self._limiter._poll_script
+        if script is None:
             return
         loop = asyncio.get_running_loop()
         if loop.time() < self._skip_until:
