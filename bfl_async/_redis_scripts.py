@@ -141,8 +141,14 @@ end
 n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   local id, csv = ARGV[i], ARGV[i + 1]; i = i + 2
+  local granted = false
+  for _, pool in ipairs(pools_of(csv)) do
+    if redis.call('ZSCORE', ns .. ':lease:' .. pool, id) then granted = true end
+  end
   local score = redis.call('ZSCORE', ns .. ':ticket_exp', id)
-  if (not score) or tonumber(score) <= now then
+  if granted then
+    -- Granted since this call was prepared: nothing to renew.
+  elseif (not score) or tonumber(score) <= now then
     -- Expired while this process stalled: back in the queue, at its end.
     if not redis.call('ZSCORE', ns .. ':queue', id) then
       redis.call('ZADD', ns .. ':queue', redis.call('INCR', ns .. ':seq'), id)
@@ -150,7 +156,7 @@ for _ = 1, n do
     end
     redis.call('HSET', ns .. ':ticket', id, csv)
   end
-  redis.call('ZADD', ns .. ':ticket_exp', now + ticket_ttl, id)
+  if not granted then redis.call('ZADD', ns .. ':ticket_exp', now + ticket_ttl, id) end
 end
 return {lost, requeued}
 """

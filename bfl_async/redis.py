@@ -155,6 +155,7 @@ class RedisLimiter:
         self.probe_after = probe_after
         self._connect_timeout = connect_timeout
         self._limits = merged
+        self._all_pools = ",".join(merged)
         self._separate = separate_pools
         self._heartbeat = min(lease_ttl, ticket_ttl) / 3
         self._me = f"{uuid.uuid4().hex[:16]}:"
@@ -450,7 +451,8 @@ class RedisLimiter:
             self._back()
             for lease in granted:
                 got = self._waiters.pop(lease, None)
-                if got is None:  # cancelled meanwhile: its DROP frees the lease
+                if got is None:  # cancelled meanwhile: free the lease (again, harmlessly)
+                    self._enqueue("DROP", lease, self._all_pools)
                     continue
                 got.slot = _LeaseSlot(self, lease, got.pools)
                 self._held[lease] = got.slot
@@ -486,6 +488,11 @@ class RedisLimiter:
                 logger.exception("renewing the leases in Redis failed")
                 continue
             self._back()
+            # A slot released, or a ticket granted and released, while this call was on
+            # its way was put back by it: take it away again.
+            for stale in [*lost, *requeued]:
+                if stale not in self._held and stale not in self._waiters:
+                    self._enqueue("DROP", stale, self._all_pools)
             for lease in lost:
                 if lease in self._held:
                     self.lost_leases += 1

@@ -483,3 +483,25 @@ async def test_a_batch_losing_redis_saves_what_it_paid_for_and_submits_nothing_m
     )  # the three paid tasks were watched and saved
     failed = [r for r in records if r.state == "failed"]
     assert len(failed) == 5 and all(r.error_type == "LimiterUnavailableError" for r in failed)
+
+
+async def test_a_heartbeat_prepared_before_a_grant_does_not_queue_the_ticket_again(
+    redis: RedisServer,
+) -> None:
+    """The heartbeat renews the tickets it saw waiting; one granted meanwhile (its lease is
+    there) must not go back in the queue, where it would take a slot nobody uses."""
+    async with limiters(redis, 1) as (a,):
+        slot = await a.acquire("standard")
+        lease = slot.lease  # the ticket's id became the lease's
+        stale_heartbeat = [a.namespace, 60_000, 60_000, 0, 1, lease, "standard"]
+        lost, requeued = await a._scripts["HEARTBEAT"](args=stale_heartbeat)
+        assert (lost, requeued) == ([], [])
+        assert (await a.usage())[2] == 0  # no ticket left waiting
+        slot.release()
+        await eventually(lambda: _taken(a, 0))
+        # Granted and released before the heartbeat: queued again by it, then dropped.
+        lost, requeued = await a._scripts["HEARTBEAT"](args=stale_heartbeat)
+        assert requeued == [lease]
+        for stale in requeued:  # what the heartbeat loop does with it
+            a._enqueue("DROP", stale, "standard,kontext-max")
+        await eventually(lambda: _waiting(a, 0))
