@@ -29,6 +29,8 @@ from arq.worker import Worker
 
 from bfl_async import (
     AsyncBFL,
+    DownloadError,
+    DownloadRefusedError,
     LimiterUnavailableError,
     SubmissionUncertainError,
     Task,
@@ -122,9 +124,14 @@ async def generate(ctx: dict[str, Any], job_id: str, request: dict[str, Any]) ->
     try:
         result = await client.wait(task)
         path = await client.download(result, ctx["output_dir"], name=job_id, overwrite=True)
-    except WaitTimeoutError:
-        raise Retry(defer=5) from None  # still running: a rerun waits for the same task
-    except TaskError as exc:
+    except (WaitTimeoutError, DownloadError) as exc:
+        if not isinstance(exc, DownloadRefusedError):
+            # Still running, or a broken download: a rerun waits for (or fetches) the same
+            # task, paid once.
+            raise Retry(defer=5) from None
+        await redis.hset(key, mapping={"state": "failed", "error": str(exc)})
+        return {"state": "failed", "error": str(exc)}
+    except TaskError as exc:  # moderated, failed, expired: nothing more will come of it
         await redis.hset(key, mapping={"state": "failed", "error": str(exc)})
         return {"state": "failed", "error": str(exc)}
     await redis.hset(key, mapping={"state": "done", "path": str(path)})
