@@ -44,6 +44,7 @@ from ._schedule import LearnedSchedule
 from .webhooks import WebhookEvent, sign_webhook, verify_webhook
 
 __version__ = "0.1.0"
+"""The version of bfl_async; the package metadata reads it from here."""
 
 __all__ = [
     "MODELS",
