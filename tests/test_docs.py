@@ -63,8 +63,7 @@ def test_every_docs_page_is_in_the_nav() -> None:
     config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     in_nav = set(re.findall(r"^\s+- (?:[^:\n]+: )?(\S+\.md)$", config, flags=re.M))
     pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
-    # docs/workers.md (the Redis guide) joins the nav when it is merged.
-    assert pages - {"workers.md"} == in_nav
+    assert pages == in_nav
 
 
 def test_readme_links_into_docs_resolve() -> None:
