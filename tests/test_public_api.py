@@ -95,6 +95,26 @@ def test_every_public_name_exists_and_has_a_docstring(module_name: str) -> None:
     assert missing == []
 
 
+@pytest.mark.parametrize("module_name", ["bfl_async", *SUBMODULES])
+def test_every_public_method_and_property_has_a_docstring(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    missing, checked = [], 0
+    for name in module.__all__:
+        cls = getattr(module, name)
+        if not inspect.isclass(cls):
+            continue
+        for member, value in vars(cls).items():
+            function = value.fget if isinstance(value, property) else value
+            function = getattr(function, "__func__", function)  # static and class methods
+            if member.startswith("_") or not inspect.isfunction(function):
+                continue
+            checked += 1
+            if not (function.__doc__ or "").strip():
+                missing.append(f"{name}.{member}")
+    assert missing == []
+    assert checked > 30 or module_name != "bfl_async"  # the walk does find the methods
+
+
 def test_the_docstring_check_notices_a_missing_docstring() -> None:
     assert _attribute_docstring("bfl_async._catalog", "MEGAPIXEL")
     assert _attribute_docstring("bfl_async._journal", "JOURNAL_NAME") is None
