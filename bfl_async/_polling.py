@@ -41,7 +41,19 @@ _MAX_RETRY_DELAY = 30.0
 
 
 class PollSchedule(Protocol):
-    """Decides when to poll a pending task next."""
+    """Decides when to poll a pending task next: `Backoff`, `LearnedSchedule`, or your own.
+
+    ```python
+    class EverySecond:
+        def next_delay(self, task, attempt, elapsed, progress):
+            return 1.0
+
+        def done(self, task, lower, upper):
+            pass
+
+    AsyncBFL(poll_schedule=EverySecond())
+    ```
+    """
 
     def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
         """Seconds to wait before poll number `attempt` of `task` (0 is the first poll).
@@ -63,6 +75,11 @@ class Backoff:
     """Exponential backoff with jitter: `initial`, times `factor` each poll, at most `maximum`.
 
     The plain schedule; `jitter` spreads polls of tasks submitted together by ±that fraction.
+    Also the schedule for tests against a fake whose tasks take milliseconds.
+
+    ```python
+    AsyncBFL(poll_schedule=Backoff(initial=1.0, factor=1.5, maximum=5.0))
+    ```
     """
 
     def __init__(

@@ -244,6 +244,10 @@ class LearnedSchedule:
     (raise it for earlier detection; the client's `poll_rate` budget still caps the total,
     and when it moves polls later, more are planned so that about as many are made).
     When the API reports progress (FLUX.1 models), the finish is extrapolated from it.
+
+    ```python
+    AsyncBFL(poll_rate=40, poll_schedule=LearnedSchedule(polls_per_task=7))  # earlier, dearer
+    ```
     """
 
     def __init__(

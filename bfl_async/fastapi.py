@@ -42,6 +42,10 @@ def bfl_lifespan(
 
     Shutdown waits for the tasks in flight as `AsyncBFL.aclose` does. To combine it with a
     lifespan of your own, enter `bfl_lifespan(...)(app)` in yours and yield its state.
+
+    ```python
+    app = FastAPI(lifespan=bfl_lifespan(region="eu", limits={"standard": 12}))
+    ```
     """
 
     @asynccontextmanager
