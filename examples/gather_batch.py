@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bfl_async import AsyncBFL, Backoff, BFLError, GeneratedImage, MissingAPIKeyError
-from bfl_async.testing import FakeBFL
+from bfl_async import AsyncBFL, BFLError, GeneratedImage, MissingAPIKeyError
+from bfl_async.testing import fake_client
 
 PROMPTS = [
     "a red fox in fresh snow at dawn, telephoto",
@@ -38,26 +35,6 @@ PROMPTS = [
     "pixel art of a knight resting by a campfire",
     "an astronaut tending a greenhouse on Mars, cinematic",
 ]
-
-
-@asynccontextmanager
-async def connect(fake: bool) -> AsyncIterator[AsyncBFL]:
-    """A client of BFL's API (key from BFL_API_KEY) or, with `fake`, of a local FakeBFL."""
-    if not fake:
-        async with AsyncBFL() as client:
-            yield client
-        return
-    # Fake tasks take 0.5 to 2 s, like `bfl --fake`; BFL_FAKE_TIME_SCALE scales that.
-    scale = float(os.environ.get("BFL_FAKE_TIME_SCALE", "1"))
-    async with (
-        FakeBFL(generation_time=lambda _, rng: rng.uniform(0.5, 2.0), time_scale=scale) as server,
-        AsyncBFL(
-            server.api_key,
-            base_url=server.base_url,
-            poll_schedule=Backoff(initial=0.05, maximum=0.5),  # fake tasks are quick
-        ) as client,
-    ):
-        yield client
 
 
 async def generate_all(
@@ -91,7 +68,7 @@ async def generate_all(
 async def main(args: argparse.Namespace) -> int:
     prompts: list[str] = args.prompts
     try:
-        async with connect(args.fake) as client:
+        async with fake_client() if args.fake else AsyncBFL() as client:
             results = await generate_all(client, prompts, args.model, Path(args.output_dir))
     except MissingAPIKeyError as exc:
         print(f"error: {exc}\n(or add --fake to try it without a key)", file=sys.stderr)

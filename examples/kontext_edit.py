@@ -13,38 +13,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bfl_async import AsyncBFL, Backoff, BFLError, GeneratedImage, MissingAPIKeyError
-from bfl_async.testing import FakeBFL
+from bfl_async import AsyncBFL, BFLError, GeneratedImage, MissingAPIKeyError
+from bfl_async.testing import fake_client
 
 MODELS = ("flux-kontext-pro", "flux-kontext-max")
 MAX_IMAGES = 4  # input_image .. input_image_4
-
-
-@asynccontextmanager
-async def connect(fake: bool) -> AsyncIterator[AsyncBFL]:
-    """A client of BFL's API (key from BFL_API_KEY) or, with `fake`, of a local FakeBFL."""
-    if not fake:
-        async with AsyncBFL() as client:
-            yield client
-        return
-    # The fake's tasks take about a second, like `bfl --fake`; BFL_FAKE_TIME_SCALE scales that.
-    scale = float(os.environ.get("BFL_FAKE_TIME_SCALE", "1"))
-    async with (
-        FakeBFL(generation_time=1.0, time_scale=scale) as server,
-        AsyncBFL(
-            server.api_key,
-            base_url=server.base_url,
-            poll_schedule=Backoff(initial=0.05, maximum=0.5),  # fake tasks are quick
-        ) as client,
-    ):
-        yield client
 
 
 async def edit(
@@ -77,7 +55,7 @@ async def main(args: argparse.Namespace) -> int:
         print(f"error: at most {MAX_IMAGES - 1} reference images", file=sys.stderr)
         return 2
     try:
-        async with connect(args.fake) as client:
+        async with fake_client() if args.fake else AsyncBFL() as client:
             try:
                 image = await edit(
                     client,

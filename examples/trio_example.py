@@ -11,35 +11,12 @@ against the fake API bundled with bfl_async: no key, no cost.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import trio
 
-from bfl_async import AsyncBFL, Backoff, BFLError, GeneratedImage, MissingAPIKeyError
-from bfl_async.testing import FakeBFL
-
-
-@asynccontextmanager
-async def connect(fake: bool) -> AsyncIterator[AsyncBFL]:
-    """A client of BFL's API (key from BFL_API_KEY) or, with `fake`, of a local FakeBFL."""
-    if not fake:
-        async with AsyncBFL() as client:
-            yield client
-        return
-    # The fake's tasks take about a second, like `bfl --fake`; BFL_FAKE_TIME_SCALE scales that.
-    scale = float(os.environ.get("BFL_FAKE_TIME_SCALE", "1"))
-    async with (
-        FakeBFL(generation_time=1.0, time_scale=scale) as server,
-        AsyncBFL(
-            server.api_key,
-            base_url=server.base_url,
-            poll_schedule=Backoff(initial=0.05, maximum=0.5),  # fake tasks are quick
-        ) as client,
-    ):
-        yield client
+from bfl_async import AsyncBFL, BFLError, GeneratedImage, MissingAPIKeyError
+from bfl_async.testing import fake_client
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -54,7 +31,10 @@ async def main(args: argparse.Namespace) -> int:
             results[prompt] = exc
 
     try:
-        async with connect(args.fake) as client, trio.open_nursery() as nursery:
+        async with (
+            fake_client() if args.fake else AsyncBFL() as client,
+            trio.open_nursery() as nursery,
+        ):
             for prompt in args.prompts:
                 nursery.start_soon(one, client, prompt)
     except MissingAPIKeyError as exc:

@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from bfl_async import AsyncBFL, Backoff, OnSubmitted
-from bfl_async.testing import FakeBFL
+from bfl_async import AsyncBFL, OnSubmitted
+from bfl_async.testing import FAKE_TIME_SCALE_ENV, fake_client
 
 __all__ = [
     "FAKE_TIME_SCALE_ENV",
@@ -25,9 +25,6 @@ __all__ = [
 
 Region = Literal["global", "eu", "us"]
 T = TypeVar("T")
-
-FAKE_TIME_SCALE_ENV = "BFL_FAKE_TIME_SCALE"
-"""Multiplies the generation times of the fake (`--fake`); tests set it low."""
 
 NO_KEY = (
     "BFL_API_KEY is not set. Set it (or pass --api-key) to run against BFL's API, which "
@@ -68,7 +65,7 @@ class Connection:
 
 
 def fake_generation_time(model: str, rng: random.Random) -> float:
-    """Seconds a fake task takes: 0.5 to 2 s, so a progress display is seen moving."""
+    """Seconds a task of `bfl fake-server` takes: 0.5 to 2 s, as with `--fake`."""
     return rng.uniform(0.5, 2.0)
 
 
@@ -101,18 +98,12 @@ async def open_client(
         ) as client:
             yield client
         return
-    fake = FakeBFL(generation_time=fake_generation_time, time_scale=fake_time_scale())
-    async with (
-        fake,
-        AsyncBFL(
-            fake.api_key,
-            base_url=fake.base_url,
-            limits=connection.limits,
-            on_submitted=on_submitted,
-            close_grace=connection.close_grace,
-            poll_schedule=Backoff(initial=0.05, factor=1.5, maximum=0.5),
-        ) as client,
-    ):
+    async with fake_client(
+        time_scale=fake_time_scale(),
+        limits=connection.limits,
+        on_submitted=on_submitted,
+        close_grace=connection.close_grace,
+    ) as client:
         yield client
 
 
