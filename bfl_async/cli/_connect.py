@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 from bfl_async import AsyncBFL, OnSubmitted
-from bfl_async.testing import FAKE_TIME_SCALE_ENV, fake_client
+from bfl_async.testing import fake_client
 
 __all__ = [
-    "FAKE_TIME_SCALE_ENV",
     "CLIError",
     "Connection",
     "Region",
     "fake_generation_time",
-    "fake_time_scale",
     "open_client",
     "with_client",
 ]
@@ -69,18 +66,6 @@ def fake_generation_time(model: str, rng: random.Random) -> float:
     return rng.uniform(0.5, 2.0)
 
 
-def fake_time_scale() -> float:
-    """The time scale of the embedded fake, from BFL_FAKE_TIME_SCALE (default 1)."""
-    raw = os.environ.get(FAKE_TIME_SCALE_ENV, "1")
-    try:
-        scale = float(raw)
-    except ValueError:
-        scale = -1.0
-    if not 0 <= scale < float("inf"):
-        raise CLIError(f"{FAKE_TIME_SCALE_ENV} must be a number >= 0, not {raw!r}")
-    return scale
-
-
 @asynccontextmanager
 async def open_client(
     connection: Connection, *, on_submitted: OnSubmitted | None = None
@@ -98,12 +83,17 @@ async def open_client(
         ) as client:
             yield client
         return
-    async with fake_client(
-        time_scale=fake_time_scale(),
-        limits=connection.limits,
-        on_submitted=on_submitted,
-        close_grace=connection.close_grace,
-    ) as client:
+    async with AsyncExitStack() as stack:
+        try:
+            client = await stack.enter_async_context(
+                fake_client(
+                    limits=connection.limits,
+                    on_submitted=on_submitted,
+                    close_grace=connection.close_grace,
+                )
+            )
+        except ValueError as exc:  # a bad BFL_FAKE_TIME_SCALE
+            raise CLIError(str(exc)) from None
         yield client
 
 
