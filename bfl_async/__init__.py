@@ -1,7 +1,12 @@
 """bfl_async: the async client for Black Forest Labs' FLUX API.
 
-async with AsyncBFL() as client:
+```python
+async with AsyncBFL() as client:  # key from BFL_API_KEY
     image = await client.generate("flux-2-pro", prompt="a red fox", output_dir="out/")
+```
+
+Everything public is listed in `__all__`; `bfl_async.testing` (a fake API for tests),
+`bfl_async.webhooks` and `bfl_async.fastapi` (extra `fastapi`) are the submodules.
 """
 
 from ._batch import Batch, JobRecord, JobState
@@ -45,6 +50,7 @@ from ._schedule import LearnedSchedule
 from .webhooks import WebhookEvent, sign_webhook, verify_webhook
 
 __version__ = "0.1.0"
+"""The version of bfl_async; the package metadata reads it from here."""
 
 __all__ = [
     "MODELS",

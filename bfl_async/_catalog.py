@@ -398,4 +398,10 @@ _MODELS = (
 )
 
 CATALOG: Mapping[str, ModelSpec] = MappingProxyType({spec.name: spec for spec in _MODELS})
-"""Every model the client validates locally, by path under /v1/."""
+"""Every model the client validates locally, by path under /v1/.
+
+```python
+MODELS["flux-kontext-max"].pool  # "kontext-max"
+sorted(MODELS)  # the names `generate` and `submit` accept
+```
+"""

@@ -59,7 +59,15 @@ __all__ = ["AsyncBFL", "OnSubmitted"]
 logger = logging.getLogger("bfl_async")
 
 OnSubmitted = Callable[[Task], Awaitable[None] | None]
-"""Called with each task handle the moment BFL accepts it (sync or async)."""
+"""Called with each task handle the moment BFL accepts it (sync or async): store it there.
+
+```python
+def save(task: Task) -> None:
+    Path(f"tasks/{task.id}.json").write_text(task.model_dump_json())
+
+AsyncBFL(on_submitted=save)
+```
+"""
 
 Region = Literal["global", "eu", "us"]
 
@@ -199,6 +207,13 @@ class AsyncBFL:
     a background watcher polls it to the end and holds its in-flight slot until then,
     whether or not anyone awaits it, so cancelling a caller neither leaks nor frees a slot
     early. One client serves a whole app; gather hundreds of `generate` calls on it.
+
+    ```python
+    async with AsyncBFL(region="eu") as client:  # key from BFL_API_KEY
+        images = await asyncio.gather(
+            *(client.generate("flux-2-pro", prompt=p, output_dir="out/") for p in prompts)
+        )
+    ```
     """
 
     def __init__(
@@ -359,6 +374,11 @@ class AsyncBFL:
         `ParameterError` before sending anything when a parameter is invalid.
         `before_send` is awaited once a slot is held, right before each POST: record there
         that a submit may be on its way (a job queue's "submitting"), or raise to cancel it.
+
+        ```python
+        task = await client.submit("flux-2-pro", prompt="a red fox", width=1024, height=768)
+        result = await client.wait(task)
+        ```
         """
         spec, body = build_request(model, params)
         watch, _, _ = await self._submit(
@@ -378,6 +398,10 @@ class AsyncBFL:
 
         Nothing is validated but the path; `pool` defaults to the catalog's pool or
         "standard".
+
+        ```python
+        task = await client.submit_raw("flux-9-pro", {"prompt": "a red fox", "new_option": 3})
+        ```
         """
         if not _RAW_PATH.fullmatch(model) or ".." in model:
             raise ParameterError(
@@ -586,6 +610,13 @@ class AsyncBFL:
         after `timeout` seconds (default: the client's `wait_timeout`; None waits for ever);
         the task keeps running, so `wait(e.task)` again later. A handle rebuilt from JSON
         takes its in-flight slot at once: BFL already counts it.
+
+        ```python
+        try:
+            result = await client.wait(task, timeout=60)
+        except WaitTimeoutError as e:
+            result = await client.wait(e.task)  # still running: keep waiting
+        ```
         """
         return await self._await(self._attach(task), timeout)
 
@@ -689,6 +720,10 @@ class AsyncBFL:
         Into a directory it lands as `<name or task id>.<png|jpg|webp>` (suffix from the
         image's magic bytes), atomically; an existing file raises `OutputExistsError`
         unless `overwrite`. Into a file object, returns the number of bytes written.
+
+        ```python
+        path = await client.download(result, "out/", name="fox")  # out/fox.jpg
+        ```
         """
         if isinstance(dest, str | os.PathLike):
             stem = name or result.task.id
@@ -721,6 +756,11 @@ class AsyncBFL:
 
         Everything that can be checked is checked before paying: the parameters, the name,
         and (with `name`) that the output file does not exist yet.
+
+        ```python
+        image = await client.generate("flux-2-pro", prompt="a red fox", output_dir="out/")
+        print(image.path, image.seed, image.cost, image.timings.total)
+        ```
         """
         started = anyio.current_time()
         spec, body = build_request(model, params)
@@ -779,6 +819,12 @@ class AsyncBFL:
         Yields one `Outcome` per request as it completes: the image, or that job's error.
         One job's failure never stops the others. Invalid requests and duplicate names are
         reported before anything is submitted.
+
+        ```python
+        jobs = [{"model": "flux-2-pro", "prompt": p} for p in prompts]
+        async for outcome in client.generate_many(jobs, output_dir="out/"):
+            print(outcome.index, outcome.image.path if outcome.ok else outcome.error)
+        ```
         """
         tg = self._task_group()
         jobs = list(requests)

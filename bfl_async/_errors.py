@@ -82,7 +82,15 @@ class Problem:
 
 
 class ParameterError(BFLError, ValueError):
-    """Request parameters failed local validation; nothing was sent and nothing was paid."""
+    """Request parameters failed local validation; nothing was sent and nothing was paid.
+
+    ```python
+    try:
+        await client.generate("flux-2-pro", prompt="a fox", width=1000)
+    except ParameterError as e:
+        print(e.fields)  # ["width"]: the message gives the allowed values
+    ```
+    """
 
     def __init__(self, model: str, problems: Sequence[Problem]) -> None:
         self.model = model
@@ -205,6 +213,11 @@ class SubmissionUncertainError(BFLError):
 
     BFL has no idempotency key, so nobody can tell from here. `model` and `params` (secrets
     redacted) let the caller resubmit once they have checked, for example in the dashboard.
+
+    ```python
+    except SubmissionUncertainError as e:
+        review_later(e.model, e.params, e.reason)  # never resubmit blindly
+    ```
     """
 
     def __init__(self, reason: str, *, model: str, params: Mapping[str, Any]) -> None:

@@ -39,6 +39,11 @@ JobState = Literal[
     "skipped",  # not submitted: it would have taken the batch past its budget
     "expired",  # the result URL expired before it could be downloaded
 ]
+"""Where a batch job stands (`JobRecord.state`, the manifest's `state`).
+
+`downloaded`, `failed`, `uncertain`, `skipped` and `expired` are final for a run; `queued`,
+`submitting`, `submitted` and `ready` are steps a stopped or killed run resumes from.
+"""
 STATES: tuple[str, ...] = get_args(JobState)
 
 T = TypeVar("T")

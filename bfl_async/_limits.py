@@ -232,6 +232,12 @@ class Limiter:
     A `flux-kontext-max` task holds a slot in its own pool and, unless `separate_pools`,
     one in the standard pool too: BFL does not document whether it counts against the 24,
     and assuming it does is the reading that never earns a 429.
+
+    Every client has one (`client.limiter`); size it with `AsyncBFL(limits=...)`.
+
+    ```python
+    client.limiter.in_use("standard"), client.limiter.waiting("standard")
+    ```
     """
 
     def __init__(

@@ -17,6 +17,11 @@ class Task(BaseModel):
 
     Store it the moment `on_submitted` hands it over; `Task.model_validate_json(text)` rebuilds
     it in another process and `client.wait(task)` picks the task up again.
+
+    ```python
+    text = task.model_dump_json()  # in a database, a queue, a file
+    result = await client.wait(Task.model_validate_json(text))  # later, anywhere
+    ```
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -73,10 +78,14 @@ class GeneratedImage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     path: Path
+    """Where the image was saved: `<output_dir>/<name or task id>.<jpg|png|webp>`."""
     task: Task
+    """The task's handle."""
     seed: int | None
+    """The seed BFL used: pass it back as `seed=` to make the image again."""
     timings: Timings
     result: Result
+    """The finished task as the poll answer described it."""
 
     @property
     def task_id(self) -> str:

@@ -41,7 +41,19 @@ _MAX_RETRY_DELAY = 30.0
 
 
 class PollSchedule(Protocol):
-    """Decides when to poll a pending task next."""
+    """Decides when to poll a pending task next: `Backoff`, `LearnedSchedule`, or your own.
+
+    ```python
+    class EverySecond:
+        def next_delay(self, task, attempt, elapsed, progress):
+            return 1.0
+
+        def done(self, task, lower, upper):
+            pass
+
+    AsyncBFL(poll_schedule=EverySecond())
+    ```
+    """
 
     def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
         """Seconds to wait before poll number `attempt` of `task` (0 is the first poll).
@@ -63,6 +75,11 @@ class Backoff:
     """Exponential backoff with jitter: `initial`, times `factor` each poll, at most `maximum`.
 
     The plain schedule; `jitter` spreads polls of tasks submitted together by ±that fraction.
+    Also the schedule for tests against a fake whose tasks take milliseconds.
+
+    ```python
+    AsyncBFL(poll_schedule=Backoff(initial=1.0, factor=1.5, maximum=5.0))
+    ```
     """
 
     def __init__(
@@ -170,6 +187,7 @@ async def watch_task(
     warned: set[str] = set()
     delay = schedule.next_delay(task, 0, anyio.current_time() - accepted_at, None)
     try:
+        polling_url = httpx.URL(task.polling_url)  # parsed once, not at every poll
         while True:
             at = anyio.current_time() + delay
             if budget is not None:
@@ -180,7 +198,7 @@ async def watch_task(
             polls += 1
             sent_at = anyio.current_time() - accepted_at
             try:
-                response = await api.request("GET", task.polling_url)
+                response = await api.request("GET", polling_url)
             except httpx.HTTPError as exc:  # transport failures, an undecodable answer...
                 failures += 1
                 logger.debug("poll of task %s failed (%s); retrying", task.id, type(exc).__name__)

@@ -88,6 +88,10 @@ def estimate_cost(model: str, **params: Any) -> float:
     The parameters are validated exactly as a submit would validate them. FLUX.2 prices
     count each reference image as 1 MP of input, so they are estimates; the submit's answer
     (`Task.cost`) is what BFL charged.
+
+    ```python
+    estimate_cost("flux-2-pro", prompt="a fox", width=1024, height=1024)  # 3.0
+    ```
     """
     spec, body = build_request(model, params)
     return price(spec, body)

@@ -244,6 +244,10 @@ class LearnedSchedule:
     (raise it for earlier detection; the client's `poll_rate` budget still caps the total,
     and when it moves polls later, more are planned so that about as many are made).
     When the API reports progress (FLUX.1 models), the finish is extrapolated from it.
+
+    ```python
+    AsyncBFL(poll_rate=40, poll_schedule=LearnedSchedule(polls_per_task=7))  # earlier, dearer
+    ```
     """
 
     def __init__(
@@ -321,11 +325,15 @@ class LearnedSchedule:
             model.pending[task.id] = elapsed
         policy = self._policy(model)
         planned = policy.next_poll(elapsed / model.scale)
-        delay = (
-            planned * model.scale - elapsed
-            if planned is not None
-            else max(0.5, 0.25 * elapsed)  # past everything seen: back off
-        )
+        if planned is not None:
+            delay = planned * model.scale - elapsed
+        else:
+            # Past the plan's horizon (a fit from few tasks can set it short): the plan's last
+            # spacing, spreading out only as the task outlives the horizon. The longest tasks
+            # end a batch: polling them a quarter of their age apart cost whole seconds.
+            horizon = policy.times[-1] * model.scale
+            gap = (policy.times[-1] - policy.times[-2]) * model.scale
+            delay = max(gap, 0.25 * (elapsed - horizon))
         if progress is not None and 0.0 < progress < 1.0 and elapsed > 0:
             delay = min(delay, elapsed * (1.0 - progress) / progress)
         return min(_MAX_DELAY, max(_MIN_DELAY, delay))

@@ -44,6 +44,10 @@ def bfl_lifespan(
     lifespan of your own, enter `bfl_lifespan(...)(app)` in yours and yield its state.
     Under `uvicorn --workers N`, pass `limiter="redis://..."` (or set BFL_LIMITER_URL): the
     workers then share the account's limits, and webhooks reach the worker that waits.
+
+    ```python
+    app = FastAPI(lifespan=bfl_lifespan(region="eu", limits={"standard": 12}))
+    ```
     """
 
     @asynccontextmanager

@@ -73,7 +73,13 @@ class WebhookEvent(BaseModel):
 def sign_webhook(
     body: bytes, secret: str, *, scheme: WebhookScheme = "signature"
 ) -> dict[str, str]:
-    """The header that proves `body` comes from BFL, under `scheme`: for tests and fakes."""
+    """The header that proves `body` comes from BFL, under `scheme`: for tests and fakes.
+
+    ```python
+    headers = sign_webhook(body, SECRET)  # {"X-BFL-Signature": "sha256=..."}
+    assert verify_webhook(body, headers, SECRET).task_id
+    ```
+    """
     _check_secret(secret)
     if scheme == "signature":
         return {SIGNATURE_HEADER: f"sha256={_digest(body, secret)}"}
@@ -88,6 +94,12 @@ def verify_webhook(body: bytes, headers: Mapping[str, str], secret: str) -> Webh
     Header names are case-insensitive. Raises `WebhookVerificationError` when neither a
     valid `X-BFL-Signature` nor a valid `X-Webhook-Secret` is present (answer 401), and
     `WebhookPayloadError` when a verified body is not a task event (answer 400).
+
+    ```python
+    event = verify_webhook(await request.body(), request.headers, SECRET)
+    if event.terminal:
+        print(event.task_id, event.status, (event.result or {}).get("sample"))
+    ```
     """
     _check_secret(secret)
     lowered = {name.lower(): value for name, value in headers.items()}

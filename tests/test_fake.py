@@ -20,7 +20,16 @@ import httpx
 import pytest
 
 from bfl_async import AsyncBFL, Backoff
-from bfl_async.testing import MEMORY_URLS, FakeBFL, FakeTask, Fault, FaultKind, HostURLs
+from bfl_async.testing import (
+    FAKE_TIME_SCALE_ENV,
+    MEMORY_URLS,
+    FakeBFL,
+    FakeTask,
+    Fault,
+    FaultKind,
+    HostURLs,
+    fake_client,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -861,3 +870,32 @@ async def test_slow_answers_on_each_front(anyio_backend: str, front: str) -> Non
         started = time.monotonic()
         assert (await submit_to(client, urls.api)).status_code == 200
         assert time.monotonic() - started >= 0.2
+
+
+async def test_fake_client_generates_on_its_own_fake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAKE_TIME_SCALE_ENV, "0.01")
+    async with fake_client(limits={"standard": 3}) as client:
+        assert client.limiter.limit("standard") == 3  # options reach the client
+        assert client.base_url.host == "127.0.0.1"
+        started = anyio.current_time()
+        images = [
+            await client.generate("flux-2-pro", prompt=f"p{n}", output_dir=tmp_path)
+            for n in range(3)
+        ]
+        # 0.5 to 2 s per task, scaled by the environment: a few hundredths here.
+        assert anyio.current_time() - started < 1.5
+    assert all(image.path.read_bytes()[:2] == b"\xff\xd8" for image in images)
+
+
+async def test_fake_client_time_scale_argument_wins_and_bad_env_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(FAKE_TIME_SCALE_ENV, "fast")
+    with pytest.raises(ValueError, match="BFL_FAKE_TIME_SCALE must be a number >= 0, not 'fast'"):
+        async with fake_client():
+            pass
+    async with fake_client(time_scale=0.0) as client:
+        task = await client.submit("flux-2-pro", prompt="p")
+        assert (await client.wait(task, timeout=5)).sample

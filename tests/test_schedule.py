@@ -187,12 +187,23 @@ def test_progress_extrapolates_the_finish() -> None:
     assert schedule.next_delay(t, 2, 3.9, 0.99) == pytest.approx(0.05)
 
 
-def test_past_everything_seen_it_backs_off_to_a_cap() -> None:
+def test_past_the_horizon_it_keeps_the_last_spacing_then_backs_off_to_a_cap() -> None:
     schedule = LearnedSchedule()
     teach(schedule, "flux-2-pro", median=2.0, sigma=0.2, n=32)
+    model = schedule._models["flux-2-pro"]
     t = task(1)
-    assert schedule.next_delay(t, 5, 20.0, None) == pytest.approx(5.0)
-    assert schedule.next_delay(t, 6, 200.0, None) == pytest.approx(10.0)
+    schedule.next_delay(t, 0, 0.0, None)
+    policy = model.policy
+    assert policy is not None
+    horizon = policy.times[-1] * model.scale
+    gap = (policy.times[-1] - policy.times[-2]) * model.scale
+    assert 0.05 < gap < 1.0
+    # Just past the horizon (a long task, the one a batch waits for): the plan's spacing,
+    # not a quarter of the task's age.
+    assert schedule.next_delay(t, 5, horizon + 0.1, None) == pytest.approx(gap)
+    # A task that outlives the horizon by far spreads its polls out, up to the cap.
+    assert schedule.next_delay(t, 6, horizon + 20.0, None) == pytest.approx(5.0)
+    assert schedule.next_delay(t, 7, horizon + 200.0, None) == pytest.approx(10.0)
 
 
 def test_pending_tasks_count_and_are_forgotten_when_done() -> None:

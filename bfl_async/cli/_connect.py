@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from bfl_async import AsyncBFL, Backoff, OnSubmitted
-from bfl_async.testing import FakeBFL
+from bfl_async import AsyncBFL, OnSubmitted
+from bfl_async.testing import fake_client
 
 __all__ = [
-    "FAKE_TIME_SCALE_ENV",
     "CLIError",
     "Connection",
     "Region",
     "fake_generation_time",
-    "fake_time_scale",
     "open_client",
     "with_client",
 ]
 
 Region = Literal["global", "eu", "us"]
 T = TypeVar("T")
-
-FAKE_TIME_SCALE_ENV = "BFL_FAKE_TIME_SCALE"
-"""Multiplies the generation times of the fake (`--fake`); tests set it low."""
 
 NO_KEY = (
     "BFL_API_KEY is not set. Set it (or pass --api-key) to run against BFL's API, which "
@@ -70,20 +64,8 @@ class Connection:
 
 
 def fake_generation_time(model: str, rng: random.Random) -> float:
-    """Seconds a fake task takes: 0.5 to 2 s, so a progress display is seen moving."""
+    """Seconds a task of `bfl fake-server` takes: 0.5 to 2 s, as with `--fake`."""
     return rng.uniform(0.5, 2.0)
-
-
-def fake_time_scale() -> float:
-    """The time scale of the embedded fake, from BFL_FAKE_TIME_SCALE (default 1)."""
-    raw = os.environ.get(FAKE_TIME_SCALE_ENV, "1")
-    try:
-        scale = float(raw)
-    except ValueError:
-        scale = -1.0
-    if not 0 <= scale < float("inf"):
-        raise CLIError(f"{FAKE_TIME_SCALE_ENV} must be a number >= 0, not {raw!r}")
-    return scale
 
 
 @asynccontextmanager
@@ -104,19 +86,18 @@ async def open_client(
         ) as client:
             yield client
         return
-    fake = FakeBFL(generation_time=fake_generation_time, time_scale=fake_time_scale())
-    async with (
-        fake,
-        AsyncBFL(
-            fake.api_key,
-            base_url=fake.base_url,
-            limits=connection.limits,
-            limiter=connection.limiter,
-            on_submitted=on_submitted,
-            close_grace=connection.close_grace,
-            poll_schedule=Backoff(initial=0.05, factor=1.5, maximum=0.5),
-        ) as client,
-    ):
+    async with AsyncExitStack() as stack:
+        try:
+            client = await stack.enter_async_context(
+                fake_client(
+                    limits=connection.limits,
+                    limiter=connection.limiter,
+                    on_submitted=on_submitted,
+                    close_grace=connection.close_grace,
+                )
+            )
+        except ValueError as exc:  # a bad BFL_FAKE_TIME_SCALE
+            raise CLIError(str(exc)) from None
         yield client
 
 

@@ -1,6 +1,7 @@
 """Test doubles for bfl_async: `FakeBFL`, Black Forest Labs' FLUX API faked over real HTTP
 on loopback or in memory through an httpx transport."""
 
+from ._client import FAKE_TIME_SCALE_ENV, fake_client
 from ._fake import (
     MEMORY_URLS,
     FakeBFL,
@@ -13,6 +14,7 @@ from ._fake import (
 )
 
 __all__ = [
+    "FAKE_TIME_SCALE_ENV",
     "MEMORY_URLS",
     "FakeBFL",
     "FakeTask",
@@ -20,5 +22,6 @@ __all__ = [
     "FaultKind",
     "HostURLs",
     "ModelSpec",
+    "fake_client",
     "run_fake_server",
 ]

@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 FaultKind = Literal["submit", "poll", "download"]
+"""Which requests `FakeBFL.fail_next` makes misbehave: submits, polls or image downloads."""
 Fault = Literal[
     "500",
     "502",
@@ -65,6 +66,16 @@ Fault = Literal[
     "incomplete",
     "unknown_status",
 ]
+"""How a request misbehaves under `FakeBFL.fail_next`: an error status (`"500"`, `"502"`,
+`"503"`), a dropped connection before or after a submit creates its task (`"drop_before"`,
+`"drop_after"`), a `"truncate"`d body, a `"slow"` answer, an `"expired"` result URL, a
+`"malformed"`, `"huge"` or `"incomplete"` JSON answer, a submit `"hold"` (its task created,
+never answered), or a poll with an `"unknown_status"`.
+
+```python
+fake.fail_next("submit", "drop_after")  # the next submit's task exists; its answer is lost
+```
+"""
 HostKind = Literal["api", "polling", "delivery"]
 
 STATUSES = ("Ready", "Request Moderated", "Content Moderated", "Error", "Task not found")
