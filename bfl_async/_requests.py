@@ -82,7 +82,7 @@ def build_request(model: str, params: Mapping[str, Any]) -> tuple[ModelSpec, dic
     return spec, validated.model_dump(exclude_unset=True)
 
 
-def estimate_cost(model: str, **params: Any) -> float:
+def estimate_cost(model: str, /, **params: Any) -> float:
     """The expected price in credits (1 credit = 1 US cent) of `submit(model, **params)`.
 
     The parameters are validated exactly as a submit would validate them. FLUX.2 prices
