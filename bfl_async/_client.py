@@ -189,6 +189,11 @@ def _make_limiter(
     if url is None:
         return Limiter(limits, separate_pools=separate)
     if not isinstance(url, str):
+        if limits is not None or separate:
+            raise ValueError(
+                "limits= and separate_pools= size the limiter the client makes; with "
+                "limiter=, give them to that limiter instead"
+            )
         return url
     from .redis import RedisLimiter  # the optional extra, imported only when asked for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from bfl_async import Limiter
+from bfl_async import AsyncBFL, Limiter
 from bfl_async._limits import Slot
 
 pytestmark = pytest.mark.anyio
@@ -143,3 +143,11 @@ def test_bad_configuration_is_refused() -> None:
         Limiter({"standard": 0})
     with pytest.raises(ValueError, match="unknown pool"):
         Limiter().claim("gpu")
+
+
+def test_a_given_limiter_is_not_also_sized_by_the_client() -> None:
+    limiter = Limiter({"standard": 3})
+    assert AsyncBFL(api_key="k", limiter=limiter).limiter is limiter
+    for sizing in ({"limits": {"standard": 4}}, {"separate_pools": True}):
+        with pytest.raises(ValueError, match="give them to that limiter instead"):
+            AsyncBFL(api_key="k", limiter=limiter, **sizing)
