@@ -29,6 +29,7 @@ from arq.worker import Worker
 
 from bfl_async import (
     AsyncBFL,
+    BFLError,
     DownloadError,
     DownloadRefusedError,
     LimiterUnavailableError,
@@ -121,6 +122,9 @@ async def generate(ctx: dict[str, Any], job_id: str, request: dict[str, Any]) ->
         except SubmissionUncertainError as exc:
             await redis.hset(key, mapping={"state": "uncertain", "error": str(exc)})
             return {"state": "uncertain", "error": str(exc)}
+        except BFLError as exc:  # refused before any task existed: no credits, a bad key...
+            await redis.hset(key, mapping={"state": "failed", "error": str(exc)})
+            return {"state": "failed", "error": str(exc)}
     try:
         result = await client.wait(task)
         path = await client.download(result, ctx["output_dir"], name=job_id, overwrite=True)
