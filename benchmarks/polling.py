@@ -326,6 +326,7 @@ def run_one(fake: FakeServer, run: Run, env: dict[str, str]) -> dict[str, Any]:
         "model": model,
         "metrics": measure(run, report, state),
         "bfl_async_from": report.get("bfl_async_from"),
+        "imported_during_run": report.get("imported_during_run"),
     }
 
 
