@@ -382,6 +382,14 @@ def test_a_bad_fake_time_scale_is_reported(monkeypatch: pytest.MonkeyPatch) -> N
     assert result.exit_code == 2 and "BFL_FAKE_TIME_SCALE" in result.stderr
 
 
+def test_fake_runs_never_use_the_shared_limiter(tmp_path: Path) -> None:
+    # The fake is an account of its own: a production BFL_LIMITER_URL is left alone.
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"model": "flux-2-klein-4b", "prompt": "a fox"})
+    env = {"BFL_LIMITER_URL": "redis://:pw@127.0.0.1:1/0"}
+    result = bfl("batch", jobs, "-o", tmp_path / "out", "--fake", env=env)
+    assert result.exit_code == 0, result.output
+
+
 def test_a_missing_job_file_is_a_usage_error(tmp_path: Path) -> None:
     result = bfl("batch", tmp_path / "missing.jsonl", "--fake")
     assert result.exit_code == 2 and "does not exist" in result.output

@@ -19,7 +19,7 @@ import anyio
 import httpx
 import pytest
 
-from bfl_async import AsyncBFL, Backoff
+from bfl_async import AsyncBFL, Backoff, Limiter
 from bfl_async.testing import (
     FAKE_TIME_SCALE_ENV,
     MEMORY_URLS,
@@ -899,3 +899,12 @@ async def test_fake_client_time_scale_argument_wins_and_bad_env_is_refused(
     async with fake_client(time_scale=0.0) as client:
         task = await client.submit("flux-2-pro", prompt="p")
         assert (await client.wait(task, timeout=5)).sample
+
+
+async def test_fake_client_never_takes_the_shared_limiters_slots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fake run is an account of its own: a production BFL_LIMITER_URL is not used.
+    monkeypatch.setenv("BFL_LIMITER_URL", "redis://:pw@127.0.0.1:1/0")
+    async with fake_client(time_scale=0.0, limits={"standard": 2}) as client:
+        assert type(client.limiter) is Limiter and client.limiter.limit("standard") == 2

@@ -89,9 +89,8 @@ async def open_client(
     async with AsyncExitStack() as stack:
         try:
             client = await stack.enter_async_context(
-                fake_client(
+                fake_client(  # an account of its own: never the shared limiter's slots
                     limits=connection.limits,
-                    limiter=connection.limiter,
                     on_submitted=on_submitted,
                     close_grace=connection.close_grace,
                 )

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from .._client import AsyncBFL
+from .._limits import Limiter
 from .._polling import Backoff
 from ._fake import FakeBFL
 
@@ -42,13 +43,18 @@ async def fake_client(
     What `bfl ... --fake` runs on, for a `--fake` switch in your own program: no key, no
     cost, real HTTP. Fake tasks take 0.5 to 2 s, times `time_scale` (by default
     `BFL_FAKE_TIME_SCALE`, else 1), and the client polls them quickly; `options` go to
-    `AsyncBFL` (`limits`, `on_submitted`...).
+    `AsyncBFL` (`limits`, `on_submitted`...). The fake is an account of its own: its client
+    limits in process, never through `BFL_LIMITER_URL`'s Redis, unless `limiter=` is given.
 
         async with fake_client() if args.fake else AsyncBFL() as client:
             image = await client.generate("flux-2-pro", prompt="a red fox")
     """
     scale = _time_scale_from_env() if time_scale is None else time_scale
     options.setdefault("poll_schedule", Backoff(initial=0.05, factor=1.5, maximum=0.5))
+    if options.get("limiter") is None:
+        options["limiter"] = Limiter(
+            options.pop("limits", None), separate_pools=options.pop("separate_pools", False)
+        )
     async with (
         FakeBFL(generation_time=_generation_time, time_scale=scale) as fake,
         AsyncBFL(fake.api_key, base_url=fake.base_url, **options) as client,
