@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Literal, overload
 
 import anyio
 import anyio.abc
+import httpcore
 import httpx
 
 from ._batch import Batch
@@ -48,6 +49,7 @@ from ._http import (
 )
 from ._limits import InFlightLimiter, InFlightSlot, Limiter
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
+from ._network import NetworkBackend
 from ._polling import PollSchedule, _terminal, watch_task
 from ._push import EarlyEvents, FirstNow, Slowed, poll_answer
 from ._requests import build_job, build_request
@@ -88,7 +90,8 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
     Large downloads then never hold the connections that polls and submits need, and each
     request scans only its own origin's idle connections: httpcore checks every idle
     connection of a pool on each request (quadratically in places), so few are kept alive.
-    The https pools share one TLS context (each costs tens of milliseconds of CPU to load).
+    The https pools share one TLS context (each costs tens of milliseconds of CPU to load),
+    and their connections run on `NetworkBackend` (asyncio's transports under asyncio).
     """
 
     def __init__(self, base_url: httpx.URL, verify: bool | ssl.SSLContext = True) -> None:
@@ -96,6 +99,7 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
         self._verify = verify
         self._pools: dict[tuple[str, str, int | None], httpx.AsyncHTTPTransport] = {}
         self._tls: ssl.SSLContext | None = None
+        self._network = NetworkBackend()
 
     def _pool(self, url: httpx.URL) -> httpx.AsyncHTTPTransport:
         origin = (url.scheme, url.host, url.port)
@@ -107,14 +111,25 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
                 max_keepalive_connections=_KEEP_ALIVE,
                 keepalive_expiry=_IDLE_EXPIRY,
             )
-            pool = self._pools[origin] = httpx.AsyncHTTPTransport(
-                limits=limits, verify=self._tls_for(url.scheme)
-            )
+            tls = self._tls_for(url.scheme)
+            pool = self._pools[origin] = httpx.AsyncHTTPTransport(limits=limits, verify=tls)
+            # httpx has no network_backend option: the same pool, built again with ours. A
+            # future httpx building something else keeps its own.
+            if isinstance(pool._pool, httpcore.AsyncConnectionPool):
+                pool._pool = httpcore.AsyncConnectionPool(
+                    ssl_context=tls,
+                    max_connections=size,
+                    max_keepalive_connections=_KEEP_ALIVE,
+                    keepalive_expiry=_IDLE_EXPIRY,
+                    network_backend=self._network,
+                )
         return pool
 
-    def _tls_for(self, scheme: str) -> bool | ssl.SSLContext:
-        if self._verify is False or isinstance(self._verify, ssl.SSLContext):
+    def _tls_for(self, scheme: str) -> ssl.SSLContext:
+        if isinstance(self._verify, ssl.SSLContext):
             return self._verify
+        if self._verify is False:
+            return httpx.create_ssl_context(verify=False)
         if scheme != "https":
             # No TLS on this origin: a context that trusts nothing spares loading the CA
             # bundle, and would fail closed if ever used.
