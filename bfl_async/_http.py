@@ -204,10 +204,9 @@ class API:
     def __repr__(self) -> str:
         return f"API(base_url={str(self.base_url)!r})"
 
-    async def request(
-        self, method: str, url: str | httpx.URL, *, json: Any = None
-    ) -> httpx.Response:
-        """One API request; redirects are not followed so the key cannot be forwarded."""
+    def prepare(self, method: str, url: str | httpx.URL, *, json: Any = None) -> httpx.Request:
+        """One API request with the key attached, built but not sent (a task's poll is built
+        once and sent at every poll). Only API hosts get the key."""
         target = httpx.URL(url) if isinstance(url, str) else url
         if not target.is_absolute_url:
             target = self.base_url.join(target)
@@ -216,9 +215,17 @@ class API:
                 f"refusing to send the API key to {target.host!r}: it is not an API host. "
                 "Pass base_url= if you use a proxy in front of the API"
             )
-        return await self._client.request(
-            method, target, json=json, headers={"x-key": self._key}, follow_redirects=False
-        )
+        return self._client.build_request(method, target, json=json, headers={"x-key": self._key})
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """Send a prepared request; redirects are not followed so the key cannot be forwarded."""
+        return await self._client.send(request, follow_redirects=False)
+
+    async def request(
+        self, method: str, url: str | httpx.URL, *, json: Any = None
+    ) -> httpx.Response:
+        """One API request (`prepare`, then `send`)."""
+        return await self.send(self.prepare(method, url, json=json))
 
     async def call(self, method: str, path: str, what: str) -> Any:
         """A plain API call (credits...): transient failures raise, errors are typed."""

@@ -187,7 +187,7 @@ async def watch_task(
     warned: set[str] = set()
     delay = schedule.next_delay(task, 0, anyio.current_time() - accepted_at, None)
     try:
-        polling_url = httpx.URL(task.polling_url)  # parsed once, not at every poll
+        poll = api.prepare("GET", task.polling_url)  # built once, sent at every poll
         while True:
             at = anyio.current_time() + delay
             if budget is not None:
@@ -198,7 +198,7 @@ async def watch_task(
             polls += 1
             sent_at = anyio.current_time() - accepted_at
             try:
-                response = await api.request("GET", polling_url)
+                response = await api.send(poll)
             except httpx.HTTPError as exc:  # transport failures, an undecodable answer...
                 failures += 1
                 logger.debug("poll of task %s failed (%s); retrying", task.id, type(exc).__name__)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trustme
 
+from bfl_async import APIConnectionError, AsyncBFL
 from bfl_async._network import NetworkBackend, _Stream
 from bfl_async.testing import fake_client
 
@@ -252,6 +253,30 @@ async def test_tls_round_trip_and_a_wrong_name_is_refused(authority: trustme.CA)
         plain = await backend.connect_tcp("127.0.0.1", port, timeout=5)
         with pytest.raises(httpcore.ConnectError):
             await plain.start_tls(trusting, server_hostname="elsewhere.example", timeout=5)
+
+
+async def test_the_client_talks_to_an_https_api_through_the_backend(authority: trustme.CA) -> None:
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(served)
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    body = b'{"credits": 12.5}'
+
+    async def credits(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    async with server(credits, tls=served) as port:
+        url = f"https://localhost:{port}"
+        async with AsyncBFL(api_key="k", base_url=url, verify=trusting) as client:
+            assert await client.credits() == 12.5
+            (pool,) = client._http._transport._pools.values()  # type: ignore[attr-defined]
+            assert isinstance(pool._pool._network_backend, NetworkBackend)
+        async with AsyncBFL(api_key="k", base_url=url) as untrusting:
+            with pytest.raises(APIConnectionError):
+                await untrusting.credits()
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
