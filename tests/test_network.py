@@ -52,18 +52,18 @@ async def test_an_asyncio_client_connects_through_the_backend() -> None:
 
 
 async def test_reads_come_in_order_in_pieces_no_larger_than_asked() -> None:
-    payload = bytes(range(256)) * 4096  # 1 MiB: the buffer fills, reading pauses and resumes
-    sent = asyncio.Event()
+    payload = bytes(range(256)) * 4096  # 1 MiB, sixteen times the connection's buffer
 
     async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(payload)
         await writer.drain()
         writer.close()
-        sent.set()
 
     async with server(send) as port:
         stream = await NetworkBackend().connect_tcp("127.0.0.1", port, timeout=5)
-        await sent.wait()
+        assert isinstance(stream, _Stream)
+        await until(lambda: stream._protocol.paused)  # full: the socket is no longer read
+        assert stream._protocol.end - stream._protocol.start == 64 * 1024
         got = bytearray()
         while piece := await stream.read(65536, timeout=5):
             assert len(piece) <= 65536
