@@ -202,12 +202,10 @@ class _Stream(httpcore.AsyncNetworkStream):
         loop = asyncio.get_running_loop()
         protocol = self._protocol
         try:
-            transport = await asyncio.wait_for(
-                loop.start_tls(
+            with anyio.fail_after(timeout):
+                transport = await loop.start_tls(
                     self._transport, protocol, ssl_context, server_hostname=server_hostname
-                ),
-                timeout,
-            )
+                )
         except TimeoutError:
             self._transport.close()
             raise httpcore.ConnectTimeout("timed out in the TLS handshake") from None
@@ -264,16 +262,14 @@ class NetworkBackend(httpcore.AsyncNetworkBackend):
             return await other.connect_tcp(host, port, timeout, local_address, socket_options)
         loop = asyncio.get_running_loop()
         try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(
+            with anyio.fail_after(timeout):
+                transport, protocol = await loop.create_connection(
                     _Protocol,
                     host,
                     port,
                     local_addr=(local_address, 0) if local_address else None,
                     happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY,
-                ),
-                timeout,
-            )
+                )
         except TimeoutError:
             raise httpcore.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
         except OSError as exc:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
+
 try:
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
@@ -44,6 +46,7 @@ __all__ = ["RedisLimiter", "RedisPollBudget", "redact_url"]
 logger = logging.getLogger("bfl_async")
 
 _CONNECTIONS = 4  # acquirer, writer, heartbeat and polls share these; pub/sub has its own
+_STOP = "STOP"  # the writer's last op
 
 
 def redact_url(url: str) -> str:
@@ -172,6 +175,7 @@ class RedisLimiter:
         self._tasks: list[asyncio.Task[None]] = []
         self._users = 0
         self._down = False
+        self._closing = False
         self.lost_leases = 0
         """Leases found expired while their task was still watched (then put back)."""
 
@@ -225,6 +229,7 @@ class RedisLimiter:
         self._ops = asyncio.Queue()
         self._wake = asyncio.Event()
         self._down = False
+        self._closing = False
         self._tasks = [
             asyncio.create_task(loop(), name=f"bfl-redis-{loop.__name__.strip('_')}")
             for loop in (self._acquirer, self._heartbeats, self._writer, self._listener)
@@ -242,18 +247,34 @@ class RedisLimiter:
             return
         self._fail_waiters(RuntimeError("the limiter was closed"))
         if self._ops is not None and not self._down:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ops.join(), timeout=self._connect_timeout)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
+            with anyio.move_on_after(self._connect_timeout):
+                await self._ops.join()
+        await self._stop()
         self._poll_script = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+
+    async def _stop(self) -> None:
+        """End the background loops, for sure: a cancellation can be lost (redis-py has had
+        such races; `asyncio.wait_for` has one up to Python 3.11), so each loop also stops
+        at its next turn once `_closing` is set, and the cancel is repeated meanwhile."""
+        self._closing = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._ops is not None:
+            self._ops.put_nowait((_STOP, ()))
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=1.0)
+        for task in self._tasks:
+            if not task.cancelled() and task.exception() is not None:
+                logger.error(
+                    "the Redis limiter's %s task failed", task.get_name(), exc_info=task.exception()
+                )
+        self._tasks = []
 
     async def __aenter__(self) -> RedisLimiter:
         await self.start()
@@ -417,11 +438,11 @@ class RedisLimiter:
         assert self._wake is not None
         wake = self._wake
         timeout: float | None = None
-        while True:
+        while not self._closing:
             if not self._waiters:
                 timeout = None
-            with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError from 3.11 on
-                await asyncio.wait_for(wake.wait(), timeout)
+            with anyio.move_on_after(timeout):
+                await wake.wait()
             wake.clear()
             if not self._waiters:
                 continue
@@ -464,7 +485,7 @@ class RedisLimiter:
 
     async def _heartbeats(self) -> None:
         """Renew the leases of the tasks this process watches, and its tickets."""
-        while True:
+        while not self._closing:
             await asyncio.sleep(self._heartbeat)
             slots = list(self._held.values())
             waiters = [w for w in self._waiters.values() if w.registered]
@@ -507,8 +528,11 @@ class RedisLimiter:
     async def _writer(self) -> None:
         """Tell Redis, in order, what slots did: released, accepted, refused, claimed."""
         assert self._ops is not None and self._redis is not None
-        while True:
+        while not self._closing:
             op, args = await self._ops.get()
+            if op == _STOP:
+                self._ops.task_done()
+                break
             try:
                 if op == "PUBLISH":
                     await self._redis.publish(f"{self.namespace}:events", args[0])
@@ -545,13 +569,13 @@ class RedisLimiter:
     async def _listen(self, client: aioredis.Redis, released: str, events: str) -> None:
         assert self._wake is not None
         delay = 0.1
-        while True:
+        while not self._closing:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(released, events)
                 delay = 0.1
                 self._wake.set()  # anything freed while not subscribed
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(timeout=self._heartbeat)
                     if message is None:
                         continue

@@ -7,6 +7,7 @@ acquirer, so several in one test process meet in Redis exactly as processes woul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -505,3 +506,27 @@ async def test_a_heartbeat_prepared_before_a_grant_does_not_queue_the_ticket_aga
         for stale in requeued:  # what the heartbeat loop does with it
             a._enqueue("DROP", stale, "standard,kontext-max")
         await eventually(lambda: _waiting(a, 0))
+
+
+async def test_closing_ends_a_loop_whose_cancellation_was_lost(redis: RedisServer) -> None:
+    """An await can lose a cancellation (redis-py has had such races, `asyncio.wait_for`
+    has one up to Python 3.11). A background loop that carried on would make `aclose()`,
+    a worker's shutdown, wait for ever: it stops anyway, at its next turn."""
+    limiter = RedisLimiter(redis.url, namespace="t", lease_ttl=0.3)
+    await limiter.start()
+    inside = anyio.Event()
+
+    async def losing_the_cancellation(**_: Any) -> list[list[str]]:
+        inside.set()
+        with contextlib.suppress(BaseException):  # what the racy awaits do
+            await anyio.sleep(30)
+        return [[], []]
+
+    limiter._scripts["HEARTBEAT"] = losing_the_cancellation
+    with anyio.fail_after(5):
+        await inside.wait()
+    started = time.monotonic()
+    with anyio.fail_after(5):
+        await limiter.aclose()
+    assert limiter._tasks == []
+    assert time.monotonic() - started < 1  # the next turn, not a timeout
