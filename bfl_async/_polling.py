@@ -56,11 +56,11 @@ class PollSchedule(Protocol):
     """
 
     def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
-        """Seconds to wait before poll number `attempt` of `task` (0 is the first poll).
+        """Seconds from `elapsed` to poll number `attempt` of `task` (0 is the first poll).
 
-        `elapsed` is the time since the task was accepted (for attempt >= 1, when the last
-        poll found it pending); `progress` the last fraction the API reported (FLUX.1
-        models), or None.
+        `elapsed` is the time since the task was accepted: now for attempt 0, then when the
+        last poll, which found it pending, was sent (its answer's round trip is not waited
+        again); `progress` the last fraction the API reported (FLUX.1 models), or None.
         """
         ...
 
@@ -185,11 +185,11 @@ async def watch_task(
     ready_by: float | None = None
     progress: float | None = None
     warned: set[str] = set()
-    delay = schedule.next_delay(task, 0, anyio.current_time() - accepted_at, None)
+    now = anyio.current_time()
+    at = now + schedule.next_delay(task, 0, now - accepted_at, None)
     try:
         poll = api.prepare("GET", task.polling_url)  # built once, sent at every poll
         while True:
-            at = anyio.current_time() + delay
             if budget is not None:
                 at = budget.reserve(at)
             await anyio.sleep(max(0.0, at - anyio.current_time()))
@@ -202,14 +202,14 @@ async def watch_task(
             except httpx.HTTPError as exc:  # transport failures, an undecodable answer...
                 failures += 1
                 logger.debug("poll of task %s failed (%s); retrying", task.id, type(exc).__name__)
-                delay = _retry_delay(retry_base_delay, failures)
+                at = anyio.current_time() + _retry_delay(retry_base_delay, failures)
                 continue
             code = response.status_code
             if code in (429, 503) or code >= 500:
                 failures += 1
                 logger.debug("poll of task %s answered %d; retrying", task.id, code)
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
-                delay = _retry_delay(retry_base_delay, failures, retry_after)
+                at = anyio.current_time() + _retry_delay(retry_base_delay, failures, retry_after)
                 continue
             if code == 404:
                 raise TaskNotFoundError(
@@ -223,7 +223,7 @@ async def watch_task(
             if not isinstance(body, dict) or not isinstance(status, str):
                 failures += 1
                 logger.warning("poll of task %s: malformed answer; retrying", task.id)
-                delay = _retry_delay(retry_base_delay, failures)
+                at = anyio.current_time() + _retry_delay(retry_base_delay, failures)
                 continue
             failures = 0
             if status in TERMINAL:
@@ -241,6 +241,8 @@ async def watch_task(
             raw_progress = body.get("progress")
             progress = float_or_none(raw_progress) if raw_progress is not None else progress
             attempt += 1
-            delay = schedule.next_delay(task, attempt, pending_at, progress)
+            # From when this poll left, not when its answer came: the plan is in time since
+            # acceptance, and a round trip per poll would push every later poll back.
+            at = accepted_at + pending_at + schedule.next_delay(task, attempt, pending_at, progress)
     finally:
         schedule.done(task, pending_at, ready_by)

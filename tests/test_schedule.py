@@ -239,6 +239,29 @@ async def test_the_client_reports_every_watch_to_its_schedule(tmp_path: Path) ->
     assert all(0.0 <= lower < upper for lower, upper in model.seen)
 
 
+async def test_the_next_poll_counts_from_when_the_last_one_left_not_from_its_answer() -> None:
+    """A slow answer must not push the plan back: polls 0.3 s apart stay 0.3 s apart."""
+
+    class Every:
+        def next_delay(
+            self, task: Task, attempt: int, elapsed: float, progress: float | None
+        ) -> float:
+            return 0.3
+
+        def done(self, task: Task, lower: float, upper: float | None) -> None:
+            pass
+
+    fake = FakeBFL(generation_time=1.0, slow_seconds=0.25)
+    async with AsyncBFL(
+        api_key=fake.api_key, http_client=fake.client(), poll_schedule=Every()
+    ) as c:
+        task = await c.submit("flux-2-klein-4b", prompt="a fox")
+        fake.fail_next("poll", "slow")  # the first poll's answer comes 0.25 s late
+        await c.wait(task)
+    first, second = fake.poll_times[:2]
+    assert second - first < 0.45  # 0.3 s after the first poll left; 0.55 s after its answer
+
+
 # --- the poll-rate budget ----------------------------------------------------------------
 
 
