@@ -8,6 +8,7 @@ workers; each worker is a real process with its own RedisLimiter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -63,15 +64,20 @@ class Processes:
     def start(self, args: list[str], log: Path) -> subprocess.Popen[str]:
         out = open(log, "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, text=True, env=environment(), cwd=ROOT
-        )
+            args, stdout=out, stderr=subprocess.STDOUT, text=True, env=environment(), cwd=ROOT,
+            start_new_session=True,
+        )  # fmt: skip
         out.close()
         self.started.append(process)
         return process
 
     def stop(self) -> None:
+        """Kill each process with the processes it started (uvicorn's workers outlive a
+        supervisor killed alone), each in its own session."""
         for process in self.started:
-            if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            if process.poll() is None:  # not a session leader after all
                 process.kill()
             process.wait(10)
 
@@ -204,7 +210,12 @@ def test_a_killed_arq_worker_loses_nothing_and_pays_nothing_twice(
         out_file = open(log, "w", encoding="utf-8")  # noqa: SIM115 - handed to the process
         workers.append(
             subprocess.Popen(
-                command, stdout=out_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path
+                command,
+                stdout=out_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=tmp_path,
+                start_new_session=True,
             )
         )
         out_file.close()
@@ -298,7 +309,9 @@ def test_uvicorn_workers_hand_webhooks_over_through_redis(
             ]  # fmt: skip
             log = tmp_path / "uvicorn.log"
             with open(log, "w", encoding="utf-8") as out:
-                server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+                server = subprocess.Popen(
+                    command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
             processes.started.append(server)  # type: ignore[arg-type]
             base = f"http://127.0.0.1:{port}"
             with httpx.Client(timeout=30) as http:
