@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                     for k, v in options.items()
                 }  # a schedule learns: a new one per run
                 clock = trio.testing.MockClock(autojump_threshold=0)
+                trio._core._run._r.seed(seed)  # trio shuffles its run queue: the same way
                 runs.append(trio.run(one_run, seed, fresh, clock=clock))
         finally:
             undo()
