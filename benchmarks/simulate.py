@@ -5,14 +5,16 @@ on a shared machine: the median of 96 delays alone has a standard error near 0.0
 the same workload (96 jobs, lognormal generation time of median 4 s and sigma 0.4, 24
 slots) runs the real `AsyncBFL`, `LearnedSchedule` and `PollBudget` against an in-process
 `FakeBFL` on trio's `MockClock`, which jumps ahead whenever every task waits: no network
-and no CPU noise, so 40 seeded runs take seconds and a difference of 0.01 s is real.
+and no CPU noise: 60 seeded runs of each variant take about a minute, and the variants with
+the poll budget give the same figures on every run (without it, polls falling on the same
+instant are ordered by object identity, and the figures move by a hundredth or two).
 
 It compares the default client with variants that take one cost away at a time: the shared
 poll budget (no budget), learning (the schedule told the true distribution: "oracle"), and
 the plan itself (the mean-optimal plan's own figures with the distribution known and polls
 leaving exactly on time: "plan alone").
 
-    python benchmarks/simulate.py [--seeds 40]    (writes results/simulate.json)
+    python benchmarks/simulate.py [--seeds 60]    (writes results/simulate.json)
 """
 
 from __future__ import annotations
@@ -74,10 +76,6 @@ def ideal(times: list[float]) -> float:
     return max(ends)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def p90(values: list[float]) -> float:
     return statistics.quantiles(values, n=10, method="inclusive")[-1]
 
@@ -104,7 +102,7 @@ async def one_run(seed: int, options: dict[str, Any]) -> dict[str, float]:
     peak = max(sum(1 for t in polls[i:] if t - start < 1.0) for i, start in enumerate(polls))
     return {
         "makespan_ratio": makespan / ideal(times),
-        "detect_p50": median(delays),
+        "detect_p50": statistics.median(delays),
         "detect_p90": p90(delays),
         "detect_mean": statistics.mean(delays),
         "polls_per_task": fake.polls / fake.submits,
@@ -125,15 +123,19 @@ def told_the_truth() -> Callable[[], None]:
     return undo
 
 
-ORACLE = {"prior_weight": 1e9, "prior_sigma": SIGMA}
-VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
-    ("bfl_async defaults", {}, False),
-    ("planning 3.8 polls/task", {"poll_schedule": LearnedSchedule(3.8)}, False),
-    ("no poll budget", {"poll_rate": None}, False),
-    ("oracle", {"poll_schedule": LearnedSchedule(3.5, **ORACLE)}, True),
-    ("oracle, no poll budget",
-     {"poll_rate": None, "poll_schedule": LearnedSchedule(3.5, **ORACLE)}, True),
-]  # fmt: skip
+def oracle() -> LearnedSchedule:
+    """A schedule that keeps the prior `told_the_truth` gives it, whatever it sees."""
+    return LearnedSchedule(3.5, prior_weight=1e9, prior_sigma=SIGMA)
+
+
+# (label, the AsyncBFL options of one run (a schedule learns: a new one per run), told the truth)
+VARIANTS: list[tuple[str, Callable[[], dict[str, Any]], bool]] = [
+    ("bfl_async defaults", dict, False),
+    ("planning 3.8 polls/task", lambda: {"poll_schedule": LearnedSchedule(3.8)}, False),
+    ("no poll budget", lambda: {"poll_rate": None}, False),
+    ("oracle", lambda: {"poll_schedule": oracle()}, True),
+    ("oracle, no poll budget", lambda: {"poll_rate": None, "poll_schedule": oracle()}, True),
+]
 
 
 def plan_alone(polls_per_task: float = 3.5, samples: int = 20000) -> dict[str, float]:
@@ -149,7 +151,7 @@ def plan_alone(polls_per_task: float = 3.5, samples: int = 20000) -> dict[str, f
             delays.append(times[k] - finish)
             polls.append(k)
     return {
-        "detect_p50": median(delays),
+        "detect_p50": statistics.median(delays),
         "detect_p90": p90(delays),
         "detect_mean": statistics.mean(delays),
         "polls_per_task": statistics.mean(polls),
@@ -158,27 +160,21 @@ def plan_alone(polls_per_task: float = 3.5, samples: int = 20000) -> dict[str, f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=40, help="seeded runs per variant (40)")
+    parser.add_argument("--seeds", type=int, default=60, help="seeded runs per variant (60)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "simulate.json")
     args = parser.parse_args(argv)
     rows: dict[str, dict[str, float]] = {}
-    for label, options, oracle in VARIANTS:
-        undo = told_the_truth() if oracle else (lambda: None)
+    for label, options, truth in VARIANTS:
+        undo = told_the_truth() if truth else (lambda: None)
         try:
             runs = []
             for seed in range(args.seeds):
-                fresh = {
-                    k: LearnedSchedule(v.polls_per_task, **(ORACLE if oracle else {}))
-                    if isinstance(v, LearnedSchedule)
-                    else v
-                    for k, v in options.items()
-                }  # a schedule learns: a new one per run
                 clock = trio.testing.MockClock(autojump_threshold=0)
                 trio._core._run._r.seed(seed)  # trio shuffles its run queue: the same way
-                runs.append(trio.run(one_run, seed, fresh, clock=clock))
+                runs.append(trio.run(one_run, seed, options(), clock=clock))
         finally:
             undo()
-        rows[label] = {key: median([run[key] for run in runs]) for key in runs[0]}
+        rows[label] = {key: statistics.median([run[key] for run in runs]) for key in runs[0]}
     rows["plan alone (3.5 polls)"] = plan_alone()
     keys = ["makespan_ratio", "detect_p50", "detect_p90", "detect_mean", "polls_per_task"]
     keys.append("peak_polls_per_s")
