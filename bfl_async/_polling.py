@@ -38,6 +38,7 @@ logger = logging.getLogger("bfl_async")
 
 TERMINAL = frozenset({"Ready", "Request Moderated", "Content Moderated", "Error", "Task not found"})
 _MAX_RETRY_DELAY = 30.0
+_CLOCK_SLACK = 0.5  # seconds the API's reported end may fall outside the polls' bracket
 
 
 class PollSchedule(Protocol):
@@ -67,7 +68,8 @@ class PollSchedule(Protocol):
     def done(self, task: Task, lower: float, upper: float | None) -> None:
         """The watch of `task` ended. If it was found ready, that happened between `lower`
         seconds after acceptance (the last poll that found it pending, or 0) and `upper`
-        (the poll that found it ready); `upper` is None when it ended any other way."""
+        (the poll that found it ready), or exactly at `lower == upper` where the API
+        reported when it ended (FLUX.1); `upper` is None when it ended any other way."""
         ...
 
 
@@ -163,6 +165,25 @@ def _terminal(task: Task, body: Mapping[str, Any], polls: int) -> Result:
     )
 
 
+def _finish(result: Result, lower: float, upper: float, accepted_at: float) -> tuple[float, float]:
+    """When `result`'s task finished, in seconds after acceptance: between the polls that
+    bracket it, or the exact moment where the API reports its end (FLUX.1's `end_time`, or
+    `start_time + duration`). The API's clock may disagree with ours: a reported end well
+    outside the polls' bracket is not trusted, one just outside it is moved in."""
+    end = result.end_time
+    if end is None and result.start_time is not None and result.duration is not None:
+        end = result.start_time + result.duration
+    if end is None:
+        return lower, upper
+    # Seconds from the end to the answer that showed it, on the wall clock, taken back
+    # from the moment of that answer on ours.
+    finish = anyio.current_time() - accepted_at - (result.ready_at - end)
+    if not lower - _CLOCK_SLACK <= finish <= upper + _CLOCK_SLACK:
+        return lower, upper
+    finish = min(upper, max(lower, finish))
+    return finish, finish
+
+
 async def watch_task(
     api: API,
     task: Task,
@@ -229,6 +250,7 @@ async def watch_task(
             if status in TERMINAL:
                 result = _terminal(task, body, polls)
                 ready_by = sent_at
+                pending_at, ready_by = _finish(result, pending_at, ready_by, accepted_at)
                 return result
             pending_at = sent_at
             if status != "Pending" and status not in warned:

@@ -183,7 +183,10 @@ class _Model:
 
         total = 0.0
         for lower, upper in self.seen:
-            total += math.log(max(1e-300, _phi(z(upper)) - _phi(z(lower))))
+            if upper > lower:
+                total += math.log(max(1e-300, _phi(z(upper)) - _phi(z(lower))))
+            elif upper > 0:  # the API said when it ended: the density there
+                total += -(z(upper) ** 2) / 2 - log_sigma - math.log(upper)
         for last in self.pending.values():
             total += math.log(max(1e-300, 1.0 - _phi(z(last))))
         # The prior, as `prior_weight` tasks' worth of belief in each parameter.
@@ -239,8 +242,9 @@ class LearnedSchedule:
 
     Each model starts from a prior around the catalog's typical time and learns from the
     last `window` tasks: each one finished between the last poll that found it pending and
-    the poll that found it ready. The poll times minimise the expected delay between a task
-    finishing and the client seeing it, for `polls_per_task` polls per task on average
+    the poll that found it ready, or when the API says it did (FLUX.1 reports its end).
+    The poll times minimise the expected delay between a task finishing and the client
+    seeing it, for `polls_per_task` polls per task on average
     (raise it for earlier detection; the client's `poll_rate` budget still caps the total,
     and when it moves polls later, more are planned so that about as many are made).
     When the API reports progress (FLUX.1 models), the finish is extrapolated from it.
@@ -339,8 +343,9 @@ class LearnedSchedule:
         return min(_MAX_DELAY, max(_MIN_DELAY, delay))
 
     def done(self, task: Task, lower: float, upper: float | None) -> None:
-        """`task` was found ready between `lower` and `upper` s after acceptance (or, with
-        `upper` None, its watch ended otherwise: moderated, failed, cancelled)."""
+        """`task` was found ready between `lower` and `upper` s after acceptance (exactly
+        then if they are equal; with `upper` None, its watch ended otherwise: moderated,
+        failed, cancelled)."""
         model = self._model(task.model)
         model.pending.pop(task.id, None)
         polls = model.polls.pop(task.id, 0) + 1

@@ -5,13 +5,16 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import statistics
+import time
 from pathlib import Path
 
 import anyio
 import pytest
 
-from bfl_async import AsyncBFL, LearnedSchedule, Task
+from bfl_async import AsyncBFL, LearnedSchedule, Result, Task
 from bfl_async._limits import PollBudget
+from bfl_async._polling import _finish
 from bfl_async._schedule import _lognormal_cdf, _Policy
 from bfl_async.testing import FakeBFL
 
@@ -215,6 +218,67 @@ def test_pending_tasks_count_and_are_forgotten_when_done() -> None:
     assert model.pending == {"t1": 3.0}
     schedule.done(t, 3.0, None)  # moderated, failed or cancelled: nothing learned
     assert model.pending == {} and len(model.seen) == 0
+
+
+def test_reported_finishes_are_learned_as_moments() -> None:
+    """FLUX.1 reports when a task ended: the fit takes each as a moment, not an interval."""
+    rng = random.Random(3)
+    finishes = [2.0 * math.exp(0.3 * rng.gauss(0, 1)) for _ in range(64)]
+    schedule = LearnedSchedule()
+    for i, finish in enumerate(finishes):
+        t = task(i, "flux-pro-1.1")
+        schedule.next_delay(t, 0, 0.0, None)
+        schedule.done(t, finish, finish)
+    model = schedule._models["flux-pro-1.1"]
+    model.fit(2.0)
+    logs = [math.log(f) for f in finishes]
+    # The sample's own lognormal, give or take the prior's pull (two tasks' worth).
+    assert model.scale == pytest.approx(math.exp(statistics.mean(logs)), rel=0.02)
+    assert model.sigma == pytest.approx(statistics.pstdev(logs), abs=0.02)
+
+
+async def test_a_reported_end_narrows_the_bracket_to_the_moment() -> None:
+    accepted_at = anyio.current_time() - 3.0  # accepted 3 s ago; its answer came just now
+    now = time.time()
+
+    def result(
+        end_time: float | None = None,
+        start_time: float | None = None,
+        duration: float | None = None,
+    ) -> Result:
+        return Result(
+            task=task(1),
+            sample="https://x/1.png",
+            ready_at=now,
+            end_time=end_time,
+            start_time=start_time,
+            duration=duration,
+        )
+
+    # Ended 0.4 s before the answer: 2.6 s after acceptance, between polls at 2.0 and 3.0.
+    finish, same = _finish(result(end_time=now - 0.4), 2.0, 3.0, accepted_at)
+    assert finish == same == pytest.approx(2.6, abs=0.01)
+    finish, same = _finish(result(start_time=now - 2.9, duration=2.5), 2.0, 3.0, accepted_at)
+    assert finish == same == pytest.approx(2.6, abs=0.01)
+    # A clock a little off: moved inside the bracket. Far off: the bracket is kept.
+    assert _finish(result(end_time=now - 1.2), 2.0, 3.0, accepted_at) == (2.0, 2.0)
+    assert _finish(result(end_time=now + 3600.0), 2.0, 3.0, accepted_at) == (2.0, 3.0)
+    # FLUX.2 reports no end: the bracket.
+    assert _finish(result(start_time=now - 2.9), 2.0, 3.0, accepted_at) == (2.0, 3.0)
+
+
+async def test_the_client_learns_flux1_finishes_exactly() -> None:
+    schedule = LearnedSchedule()
+    fake = FakeBFL(generation_time=0.3)
+    async with AsyncBFL(
+        api_key=fake.api_key, http_client=fake.client(), poll_schedule=schedule
+    ) as client:
+        for model in ("flux-pro-1.1", "flux-2-pro"):
+            await client.wait(await client.submit(model, prompt="a fox"))
+    ((lower, upper),) = schedule._models["flux-pro-1.1"].seen
+    assert lower == upper == pytest.approx(0.3, abs=0.1)
+    ((lower, upper),) = schedule._models["flux-2-pro"].seen
+    assert lower < 0.3 < upper
 
 
 def test_bad_budget_is_refused() -> None:
