@@ -29,6 +29,9 @@ _EXPLORE = 1.0  # extra polls per task while learning
 _MAX_SCALE = 1.5  # at most this many times `polls_per_task` planned
 _BUDGET_STEP = 0.05
 _Z995 = 2.5758  # the standard normal's 99.5 % quantile
+_Z01 = -2.3263  # ... and its 1 % quantile
+_TRUST_AFTER = 8  # tasks whose progress foretold their end, before it is trusted
+_TRUST_ERROR = 0.05  # how far off (relative) 9 of 10 of those foretold ends may be
 
 
 def _lognormal_cdf(median: float, sigma: float) -> Callable[[float], float]:
@@ -149,7 +152,9 @@ class _Model:
     catalog's typical time) counts as `prior_weight` tasks.
     """
 
-    def __init__(self, typical: float, sigma: float, window: int) -> None:
+    def __init__(self, typical: float, sigma: float, window: int, progress: bool) -> None:
+        self.progress = progress  # whether the catalog says the model reports progress
+        self.silent = 0  # early looks answered without progress
         self.prior_mu = math.log(typical)
         self.prior_sigma = sigma
         self.mu = self.prior_mu
@@ -161,6 +166,10 @@ class _Model:
         # made, polls made): a busy poll budget moves polls later, where they find more
         # tasks ready, so fewer are made than planned.
         self.spent: deque[tuple[int, int]] = deque(maxlen=64)
+        # The end each watched task's first progress report foretold, and for the last
+        # tasks seen ready, how far off that was (relative).
+        self.foretold: dict[str, float] = {}
+        self.misses: deque[float] = deque(maxlen=32)
         self.budget = 0.0
         self.learning = True
         self.policy: _Policy | None = None
@@ -232,6 +241,23 @@ class _Model:
         self.mu, self.sigma = x[0], math.exp(x[1])
 
     @property
+    def progress_trusted(self) -> bool:
+        """Whether this model's progress has foretold when its tasks end, closely enough
+        to poll when it says and not where the plan would."""
+        if len(self.misses) < _TRUST_AFTER:
+            return False
+        ordered = sorted(self.misses)
+        return ordered[int(0.9 * (len(ordered) - 1))] <= _TRUST_ERROR
+
+    @property
+    def look_early(self) -> bool:
+        """Whether a task's first poll should come early, to read its progress: while
+        progress the catalog promises is still on trial, and once it is trusted."""
+        if self.silent >= _TRUST_AFTER:  # the progress does not come early: stop looking
+            return False
+        return self.progress_trusted or (self.progress and len(self.misses) < _TRUST_AFTER)
+
+    @property
     def scale(self) -> float:
         """The fitted median: policies are computed in units of it."""
         return math.exp(self.mu)
@@ -247,7 +273,9 @@ class LearnedSchedule:
     seeing it, for `polls_per_task` polls per task on average
     (raise it for earlier detection; the client's `poll_rate` budget still caps the total,
     and when it moves polls later, more are planned so that about as many are made).
-    When the API reports progress (FLUX.1 models), the finish is extrapolated from it.
+    When the API reports progress (FLUX.1 models), the finish is extrapolated from it: no
+    later than planned at first, and once progress has foretold the end of enough tasks
+    within 5 %, at the foretold end alone, with a first look early in the task to read it.
 
     ```python
     AsyncBFL(poll_rate=40, poll_schedule=LearnedSchedule(polls_per_task=7))  # earlier, dearer
@@ -279,7 +307,8 @@ class LearnedSchedule:
         if model is None:
             spec = CATALOG.get(name)
             typical = spec.typical_seconds if spec is not None else 6.0
-            model = self._models[name] = _Model(typical, self._prior_sigma, self._window)
+            progress = spec is not None and spec.family == "flux1"
+            model = self._models[name] = _Model(typical, self._prior_sigma, self._window, progress)
         return model
 
     def _policy(self, model: _Model) -> _Policy:
@@ -338,8 +367,19 @@ class LearnedSchedule:
             horizon = policy.times[-1] * model.scale
             gap = (policy.times[-1] - policy.times[-2]) * model.scale
             delay = max(gap, 0.25 * (elapsed - horizon))
-        if progress is not None and 0.0 < progress < 1.0 and elapsed > 0:
-            delay = min(delay, elapsed * (1.0 - progress) / progress)
+        if progress is not None and progress > 0.0:
+            end = elapsed / progress
+            model.foretold.setdefault(task.id, end)
+            # Still pending at 1.0 (progress rounded, or the image being stored): soon.
+            left = max(0.0, end - elapsed)
+            delay = left if model.progress_trusted else min(delay, left)
+        elif model.look_early:
+            if attempt == 0:
+                # The first poll early, where almost no task has ended: its progress says
+                # when the task will.
+                delay = min(delay, model.scale * math.exp(_Z01 * model.sigma) - elapsed)
+            elif attempt == 1:
+                model.silent += 1
         return min(_MAX_DELAY, max(_MIN_DELAY, delay))
 
     def done(self, task: Task, lower: float, upper: float | None) -> None:
@@ -349,8 +389,12 @@ class LearnedSchedule:
         model = self._model(task.model)
         model.pending.pop(task.id, None)
         polls = model.polls.pop(task.id, 0) + 1
+        foretold = model.foretold.pop(task.id, None)
         if upper is not None:
-            if not model.learning and model.policy is not None:
+            if foretold is not None:
+                model.misses.append(max(0.0, lower - foretold, foretold - upper) / foretold)
+            elif not model.learning and model.policy is not None:
+                # Only where the plan alone placed the polls: progress saves polls too.
                 finish = (lower + upper) / 2 / model.scale
                 model.spent.append((model.policy.polls_until(finish), polls))
             model.seen.append((max(0.0, lower), max(lower, upper)))

@@ -190,6 +190,83 @@ def test_progress_extrapolates_the_finish() -> None:
     assert schedule.next_delay(t, 2, 3.9, 0.99) == pytest.approx(0.05)
 
 
+def test_still_pending_at_full_progress_polls_again_soon() -> None:
+    """Progress is rounded (the fake's to 0.001) and may reach 1.0 before the task is Ready."""
+    schedule = LearnedSchedule()
+    t = task(1, "flux-pro-1.1")
+    schedule.next_delay(t, 0, 0.0, None)
+    assert schedule.next_delay(t, 1, 4.0, 1.0) == pytest.approx(0.05)
+
+
+def watch_with_progress(
+    schedule: LearnedSchedule, n: int, model: str, duration: float, foretold: float | None
+) -> tuple[float, float]:
+    """One task of `duration` s: its first poll, one pending answer at a quarter of the
+    way whose progress foretells `foretold` s (None: no progress), and its end, reported
+    exactly. Returns the delays of its first and second polls."""
+    t = task(n, model)
+    first = schedule.next_delay(t, 0, 0.0, None)
+    at = duration / 4
+    progress = None if foretold is None else at / foretold
+    second = schedule.next_delay(t, 1, at, progress)
+    schedule.done(t, duration, duration)
+    return first, second
+
+
+def planned_first(schedule: LearnedSchedule, model: str) -> float:
+    """The first poll of the plan alone, for what `schedule` knows of `model`."""
+    state = schedule._model(model)
+    return schedule._policy(state).times[1] * state.scale
+
+
+DURATIONS = [4.0, 3.2, 5.1, 4.4, 3.6, 4.9, 2.9, 4.2, 3.9, 4.6]
+
+
+def test_progress_that_foretells_ends_is_trusted() -> None:
+    schedule, model = LearnedSchedule(), "flux-pro-1.1"
+    on_trial = []
+    for n, duration in enumerate(DURATIONS[:8]):
+        planned = planned_first(schedule, model)
+        first, second = watch_with_progress(schedule, n, model, duration, duration)
+        assert first < planned - 0.5  # an early look, to read progress
+        on_trial.append(second / (0.75 * duration))
+    # On trial, no later than the foretold end, and earlier where the plan polls earlier.
+    assert max(on_trial) <= 1.0 and min(on_trial) < 0.8
+    assert schedule._models[model].progress_trusted
+    first, second = watch_with_progress(schedule, 8, model, 4.0, 4.0)
+    assert second == pytest.approx(3.0)  # trusted: at the foretold end, 3 s after the look
+
+
+def test_progress_that_misleads_is_not_trusted_nor_looked_at_early() -> None:
+    schedule, model = LearnedSchedule(), "flux-pro-1.1"
+    for n, duration in enumerate(DURATIONS[:8]):
+        watch_with_progress(schedule, n, model, duration, 0.7 * duration)  # 30 % early
+    state = schedule._models[model]
+    assert not state.progress_trusted and not state.look_early
+    planned = planned_first(schedule, model)
+    first, _ = watch_with_progress(schedule, 8, model, 4.0, 4.0)
+    assert first == pytest.approx(planned)
+
+
+def test_early_looks_stop_when_no_progress_comes() -> None:
+    schedule, model = LearnedSchedule(), "flux-pro-1.1"
+    for n, duration in enumerate(DURATIONS[:8]):
+        planned = planned_first(schedule, model)
+        first, _ = watch_with_progress(schedule, n, model, duration, None)
+        assert first < planned - 0.5
+    planned = planned_first(schedule, model)
+    first, _ = watch_with_progress(schedule, 8, model, 4.0, None)
+    assert first == pytest.approx(planned)
+
+
+def test_flux2_models_never_look_early() -> None:
+    schedule = LearnedSchedule()
+    for n, duration in enumerate(DURATIONS[:3]):
+        planned = planned_first(schedule, "flux-2-pro")
+        first, _ = watch_with_progress(schedule, n, "flux-2-pro", duration, None)
+        assert first == pytest.approx(planned)
+
+
 def test_past_the_horizon_it_keeps_the_last_spacing_then_backs_off_to_a_cap() -> None:
     schedule = LearnedSchedule()
     teach(schedule, "flux-2-pro", median=2.0, sigma=0.2, n=32)
