@@ -368,10 +368,10 @@ class LearnedSchedule:
             gap = (policy.times[-1] - policy.times[-2]) * model.scale
             delay = max(gap, 0.25 * (elapsed - horizon))
         if progress is not None and progress > 0.0:
-            end = elapsed / progress
-            model.foretold.setdefault(task.id, end)
-            # Still pending at 1.0 (progress rounded, or the image being stored): soon.
-            left = max(0.0, end - elapsed)
+            foretold = model.foretold.setdefault(task.id, elapsed / progress)
+            # Pending at 1.0: ending now (progress is rounded) or its image being stored:
+            # soon, then backing off for as long as it stays so.
+            left = elapsed / progress - elapsed if progress < 1.0 else elapsed - foretold
             delay = left if model.progress_trusted else min(delay, left)
         elif model.look_early:
             if attempt == 0:

@@ -196,6 +196,14 @@ def test_still_pending_at_full_progress_polls_again_soon() -> None:
     t = task(1, "flux-pro-1.1")
     schedule.next_delay(t, 0, 0.0, None)
     assert schedule.next_delay(t, 1, 4.0, 1.0) == pytest.approx(0.05)
+    # Still pending: its image may be being stored. Backing off as it stays overdue (no
+    # later than the plan), not every 0.05 s.
+    expected = []
+    for attempt, elapsed in enumerate((4.05, 4.1, 4.2, 4.4, 4.8), start=2):
+        plan = schedule.next_delay(t, attempt, elapsed, None)
+        expected.append(max(0.05, min(plan, elapsed - 4.0)))
+        assert schedule.next_delay(t, attempt, elapsed, 1.0) == pytest.approx(expected[-1])
+    assert max(expected) > 0.15
 
 
 def watch_with_progress(
