@@ -376,12 +376,12 @@ class PollBudget:
 
     async def send(self) -> None:
         """The last check before a poll leaves: polls that wake together (a busy event loop
-        runs some late) still leave `gap` apart."""
+        runs some late) still leave `gap` apart, counted from when each really left."""
         now = anyio.current_time()
-        moment = max(now, self._next_send)
-        self._next_send = moment + self._gap
-        if moment > now:
-            await anyio.sleep(moment - now)
+        while now < self._next_send:
+            await anyio.sleep(self._next_send - now)
+            now = anyio.current_time()
+        self._next_send = now + self._gap
 
 
 _MARGIN = 0.02

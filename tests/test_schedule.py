@@ -461,3 +461,20 @@ async def test_budget_send_holds_polls_that_would_leave_together() -> None:
     with anyio.move_on_after(0.1) as late:
         await budget.send()
     assert late.cancelled_caught
+
+
+async def test_budget_send_spaces_polls_that_a_stalled_loop_wakes_together() -> None:
+    budget = PollBudget(20.0)  # 0.051 s apart
+    left: list[float] = []
+
+    async def poll() -> None:
+        await budget.send()
+        left.append(anyio.current_time())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(poll)
+        await anyio.sleep(0.01)  # the first has left; the others sleep until their turn
+        time.sleep(0.2)  # noqa: ASYNC251 - the loop stalls past both turns: they wake together
+    gaps = [b - a for a, b in itertools.pairwise(left)]
+    assert len(gaps) == 2 and min(gaps) >= 0.05
