@@ -154,7 +154,7 @@ class _Model:
 
     def __init__(self, typical: float, sigma: float, window: int, progress: bool) -> None:
         self.progress = progress  # whether the catalog says the model reports progress
-        self.silent = 0  # early looks answered without progress
+        self.silent = 0  # early looks in a row answered without progress
         self.prior_mu = math.log(typical)
         self.prior_sigma = sigma
         self.mu = self.prior_mu
@@ -253,7 +253,7 @@ class _Model:
     def look_early(self) -> bool:
         """Whether a task's first poll should come early, to read its progress: while
         progress the catalog promises is still on trial, and once it is trusted."""
-        if self.silent >= _TRUST_AFTER:  # the progress does not come early: stop looking
+        if self.silent >= _TRUST_AFTER:  # progress does not come that early: stop looking
             return False
         return self.progress_trusted or (self.progress and len(self.misses) < _TRUST_AFTER)
 
@@ -367,19 +367,18 @@ class LearnedSchedule:
             horizon = policy.times[-1] * model.scale
             gap = (policy.times[-1] - policy.times[-2]) * model.scale
             delay = max(gap, 0.25 * (elapsed - horizon))
+        if attempt == 1 and model.look_early:  # the answer to an early look
+            model.silent = 0 if progress else model.silent + 1
         if progress is not None and progress > 0.0:
             foretold = model.foretold.setdefault(task.id, elapsed / progress)
             # Pending at 1.0: ending now (progress is rounded) or its image being stored:
             # soon, then backing off for as long as it stays so.
             left = elapsed / progress - elapsed if progress < 1.0 else elapsed - foretold
             delay = left if model.progress_trusted else min(delay, left)
-        elif model.look_early:
-            if attempt == 0:
-                # The first poll early, where almost no task has ended: its progress says
-                # when the task will.
-                delay = min(delay, model.scale * math.exp(_Z01 * model.sigma) - elapsed)
-            elif attempt == 1:
-                model.silent += 1
+        elif attempt == 0 and model.look_early:
+            # The first poll early, where almost no task has ended: its progress says when
+            # the task will.
+            delay = min(delay, model.scale * math.exp(_Z01 * model.sigma) - elapsed)
         return min(_MAX_DELAY, max(_MIN_DELAY, delay))
 
     def done(self, task: Task, lower: float, upper: float | None) -> None:

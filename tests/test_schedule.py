@@ -267,6 +267,16 @@ def test_early_looks_stop_when_no_progress_comes() -> None:
     assert first == pytest.approx(planned)
 
 
+def test_an_early_look_that_finds_progress_starts_the_count_again() -> None:
+    schedule, model = LearnedSchedule(), "flux-pro-1.1"
+    for n, duration in enumerate(DURATIONS[:7]):
+        watch_with_progress(schedule, n, model, duration, None)  # queued: no progress yet
+    watch_with_progress(schedule, 7, model, 4.0, 4.0)
+    for n, duration in enumerate(DURATIONS[:7], start=8):
+        watch_with_progress(schedule, n, model, duration, None)
+    assert schedule._models[model].look_early
+
+
 def test_flux2_models_never_look_early() -> None:
     schedule = LearnedSchedule()
     for n, duration in enumerate(DURATIONS[:3]):
