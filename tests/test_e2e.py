@@ -42,13 +42,19 @@ async def ended_when_full(
     fake: FakeBFL, client: AsyncBFL, limit: int = 24, batch: int = 4
 ) -> AsyncIterator[None]:
     """End the fake's oldest tasks, a few at a time, only while the account is full (or
-    nothing is queued), so peaks are exact however slow this machine is today."""
+    nothing is queued any more), so peaks are exact however slow this machine is today.
+    Before the jobs have queued, nothing is queued yet: on a slow machine the first tasks
+    are accepted while the last jobs are still on their way to the limiter."""
+    queued = False
 
     async def drive() -> None:
+        nonlocal queued
         while True:
             now = time.monotonic()
             running = [t for t in fake.tasks.values() if t.in_flight(now)]
-            full = fake.in_flight("standard") >= limit or client.limiter.waiting() == 0
+            waiting = client.limiter.waiting()
+            queued = queued or waiting > 0
+            full = fake.in_flight("standard") >= limit or (queued and waiting == 0)
             if running and full:
                 oldest = sorted(running, key=lambda t: t.created_at)[:batch]
                 fake.finish_now(*(t.id for t in oldest))
