@@ -152,8 +152,8 @@ class _Model:
     catalog's typical time) counts as `prior_weight` tasks.
     """
 
-    def __init__(self, typical: float, sigma: float, window: int, progress: bool) -> None:
-        self.progress = progress  # whether the catalog says the model reports progress
+    def __init__(self, typical: float, sigma: float, window: int, reports: bool) -> None:
+        self.reports_progress = reports  # what the catalog says (FLUX.1 does)
         self.silent = 0  # early looks in a row answered without progress
         self.prior_mu = math.log(typical)
         self.prior_sigma = sigma
@@ -255,7 +255,7 @@ class _Model:
         progress the catalog promises is still on trial, and once it is trusted."""
         if self.silent >= _TRUST_AFTER:  # progress does not come that early: stop looking
             return False
-        return self.progress_trusted or (self.progress and len(self.misses) < _TRUST_AFTER)
+        return self.progress_trusted or (self.reports_progress and len(self.misses) < _TRUST_AFTER)
 
     @property
     def scale(self) -> float:
@@ -307,8 +307,8 @@ class LearnedSchedule:
         if model is None:
             spec = CATALOG.get(name)
             typical = spec.typical_seconds if spec is not None else 6.0
-            progress = spec is not None and spec.family == "flux1"
-            model = self._models[name] = _Model(typical, self._prior_sigma, self._window, progress)
+            reports = spec is not None and spec.family == "flux1"
+            model = self._models[name] = _Model(typical, self._prior_sigma, self._window, reports)
         return model
 
     def _policy(self, model: _Model) -> _Policy:
