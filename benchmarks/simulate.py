@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import heapq
 import json
 import math
 import random
@@ -33,6 +32,8 @@ from typing import Any
 
 import trio
 import trio.testing
+from fake_server import generation_times, in_submit_order
+from polling import WORKLOADS, list_schedule, peak_rate, percentile
 
 import bfl_async._client
 import bfl_async._polling
@@ -42,7 +43,9 @@ from bfl_async import AsyncBFL, LearnedSchedule
 from bfl_async.testing import FakeBFL
 
 HERE = Path(__file__).resolve().parent
-MODEL, JOBS, SLOTS, MEDIAN, SIGMA = "flux-2-pro", 96, 24, 4.0, 0.4
+WORKLOAD = WORKLOADS["flux2-96"]
+MODEL, JOBS, SLOTS = WORKLOAD.model, WORKLOAD.jobs, WORKLOAD.slots
+MEDIAN, SIGMA = WORKLOAD.median, WORKLOAD.sigma
 EPOCH = 1.7e9
 
 
@@ -64,26 +67,12 @@ for module in (bfl_async.testing._fake, bfl_async._polling, bfl_async._client):
 
 def durations(seed: int) -> list[float]:
     """The generation times of `polling.py`'s flux2-96 workload for this seed."""
-    draw = random.Random(f"flux2-96/{seed}")
-    return [MEDIAN * math.exp(SIGMA * draw.gauss(0.0, 1.0)) for _ in range(JOBS)]
-
-
-def ideal(times: list[float]) -> float:
-    """The makespan of `times` list-scheduled on the slots with zero overhead."""
-    ends = [0.0] * SLOTS
-    for duration in times:
-        heapq.heappush(ends, heapq.heappop(ends) + duration)
-    return max(ends)
-
-
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+    return generation_times(f"{WORKLOAD.name}/{seed}", MEDIAN, SIGMA, JOBS)
 
 
 async def one_run(seed: int, options: dict[str, Any]) -> dict[str, float]:
     times = durations(seed)
-    order = iter(times)
-    fake = FakeBFL(generation_time=lambda model, rng: next(order))
+    fake = FakeBFL(generation_time=in_submit_order(times))
     started = trio.current_time()
     seen: list[tuple[str, float]] = []
     async with AsyncBFL(api_key=fake.api_key, http_client=fake.client(), **options) as client:
@@ -98,15 +87,13 @@ async def one_run(seed: int, options: dict[str, Any]) -> dict[str, float]:
                 nursery.start_soon(job, n)
     delays = [ready_at - fake.tasks[task_id].end_time for task_id, ready_at in seen]
     makespan = max(ready_at for _, ready_at in seen) - (EPOCH + started)
-    polls = sorted(fake.poll_times)
-    peak = max(sum(1 for t in polls[i:] if t - start < 1.0) for i, start in enumerate(polls))
     return {
-        "makespan_ratio": makespan / ideal(times),
-        "detect_p50": statistics.median(delays),
-        "detect_p90": p90(delays),
+        "makespan_ratio": makespan / list_schedule(times, SLOTS),
+        "detect_p50": percentile(delays, 50),
+        "detect_p90": percentile(delays, 90),
         "detect_mean": statistics.mean(delays),
         "polls_per_task": fake.polls / fake.submits,
-        "peak_polls_per_s": peak,
+        "peak_polls_per_s": peak_rate(fake.poll_times),
     }
 
 
@@ -151,8 +138,8 @@ def plan_alone(polls_per_task: float = 3.5, samples: int = 20000) -> dict[str, f
             delays.append(times[k] - finish)
             polls.append(k)
     return {
-        "detect_p50": statistics.median(delays),
-        "detect_p90": p90(delays),
+        "detect_p50": percentile(delays, 50),
+        "detect_p90": percentile(delays, 90),
         "detect_mean": statistics.mean(delays),
         "polls_per_task": statistics.mean(polls),
     }
