@@ -370,10 +370,11 @@ class LearnedSchedule:
         if attempt == 1 and model.look_early:  # the answer to an early look
             model.silent = 0 if progress else model.silent + 1
         if progress is not None and progress > 0.0:
-            foretold = model.foretold.setdefault(task.id, elapsed / progress)
+            end = elapsed / progress
+            foretold = model.foretold.setdefault(task.id, end)
             # Pending at 1.0: ending now (progress is rounded) or its image being stored:
             # soon, then backing off for as long as it stays so.
-            left = elapsed / progress - elapsed if progress < 1.0 else elapsed - foretold
+            left = end - elapsed if progress < 1.0 else elapsed - foretold
             delay = left if model.progress_trusted else min(delay, left)
         elif attempt == 0 and model.look_early:
             # The first poll early, where almost no task has ended: its progress says when
