@@ -6,7 +6,7 @@
 CLIENT is one of:
 
 - `bfl_async`: `AsyncBFL` with its defaults, or with `--poll-rate R` the budget variant
-  `AsyncBFL(poll_rate=R, poll_schedule=LearnedSchedule(polls_per_task=3.5 * R / 20))`.
+  `AsyncBFL(poll_rate=R, poll_schedule=LearnedSchedule(polls_per_task=3.9 * R / 20))`.
 - `seeds-fixed`: BFL's integration guide ("bfl-api" skill), async example: httpx, an
   `asyncio.Semaphore` held over submit and polling, a poll every 2 s.
 - `seeds-backoff`: the same, polling with the guide's recommended exponential backoff
@@ -88,6 +88,13 @@ def prompt(index: int) -> str:
 # -- bfl_async -----------------------------------------------------------------------------
 
 
+def planned_polls(poll_rate: float) -> float:
+    """`LearnedSchedule`'s polls per task for poll budget R: its default, times R / 20."""
+    from bfl_async import LearnedSchedule
+
+    return LearnedSchedule().polls_per_task * poll_rate / 20
+
+
 async def run_bfl_async(config: Config) -> list[Job]:
     """All jobs at once through `AsyncBFL.generate`: the client does the rest."""
     from bfl_async import AsyncBFL, LearnedSchedule
@@ -99,7 +106,7 @@ async def run_bfl_async(config: Config) -> list[Job]:
             api_key=API_KEY,
             base_url=config.api,
             poll_rate=config.poll_rate,
-            poll_schedule=LearnedSchedule(polls_per_task=3.5 * config.poll_rate / 20),
+            poll_schedule=LearnedSchedule(polls_per_task=planned_polls(config.poll_rate)),
         )
 
     async with client:

@@ -8,7 +8,6 @@ accepted, and grows back once the 429s have stopped for a while.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -326,10 +325,10 @@ class PollBudget:
     BFL answers polls with `X-Ratelimit-Limit: 1200` (per minute): however many tasks are in
     flight, the client's polls together stay under that. Polls are paced, at least
     `1 / per_second` s apart (a little more, for the jitter of the network and the event
-    loop), never in bursts that a server's window would count together. A poll books its
-    moment in advance (`reserve`); when that moment is taken, it gets the nearest free one,
-    earlier if one is free (an early poll costs nothing more than a late one, and finds
-    finished tasks sooner).
+    loop), never in bursts that a server's window would count together. When more polls are
+    due than that lets out, the most urgent goes first: the poll schedule rates each (for
+    `LearnedSchedule`, how long its task has likely been waiting to be seen), so a poll that
+    would likely find a task pending waits, not one that would likely find it done.
     """
 
     def __init__(self, per_second: float = 20.0) -> None:
@@ -337,51 +336,65 @@ class PollBudget:
             raise ValueError("per_second must be at least 1")
         self.per_second = per_second
         self._gap = (1.0 + _MARGIN) / per_second
-        self._booked: list[float] = []
         self._next_send = -math.inf
+        self._waiting: list[_Turn] = []
+        self._leader: _Turn | None = None  # the waiting poll that hands out the next turn
 
     def __repr__(self) -> str:
         return f"PollBudget(per_second={self.per_second})"
 
-    def reserve(self, at: float) -> float:
-        """Book a poll for `anyio.current_time()`-based moment `at`; return the moment got."""
+    async def send(self, urgency: Callable[[], float] | None = None) -> None:
+        """Wait for this poll's turn: `gap` after the last poll really left, with no more
+        urgent poll waiting. `urgency()` is asked when a turn comes up; polls without one,
+        or equally urgent, go in the order they came."""
         now = anyio.current_time()
-        booked, gap = self._booked, self._gap
-        del booked[: bisect.bisect_left(booked, now - gap)]
-        at = max(at, now)
-        i = bisect.bisect_left(booked, at)
+        if not self._waiting and now >= self._next_send:
+            self._next_send = now + self._gap
+            return
+        turn = _Turn(urgency)
+        self._waiting.append(turn)
+        try:
+            while not turn.granted:
+                if self._leader is None:
+                    self._leader = turn
+                if self._leader is not turn:
+                    await turn.woken()
+                    continue
+                now = anyio.current_time()
+                if now < self._next_send:
+                    await anyio.sleep(self._next_send - now)
+                    continue
+                best = max(self._waiting, key=_Turn.rate)
+                self._waiting.remove(best)
+                best.granted = True
+                self._next_send = now + self._gap
+                best.wake()
+        finally:
+            if not turn.granted:
+                self._waiting.remove(turn)
+            if self._leader is turn:
+                self._leader = None
+                if self._waiting:
+                    self._waiting[0].wake()
 
-        def free(k: int) -> tuple[float, float]:
-            """The free stretch before booking k (after the last one for k = len)."""
-            low = booked[k - 1] + gap if k else now
-            high = booked[k] - gap if k < len(booked) else math.inf
-            return max(low, now), high
 
-        # The nearest free moment at or after `at` (in `at`'s own stretch, maybe before it)...
-        for k in range(i, len(booked) + 1):
-            low, high = free(k)
-            if low <= high:
-                best = min(max(at, low), high)
-                break
-        # ...unless an earlier stretch ends nearer.
-        for k in range(i - 1, -1, -1):
-            low, high = free(k)
-            if high < now or at - high >= abs(best - at):
-                break
-            if low <= high:
-                best = high
-                break
-        bisect.insort(booked, best)
-        return best
+class _Turn:
+    """A poll waiting for its turn in a `PollBudget`."""
 
-    async def send(self) -> None:
-        """The last check before a poll leaves: polls that wake together (a busy event loop
-        runs some late) still leave `gap` apart, counted from when each really left."""
-        now = anyio.current_time()
-        while now < self._next_send:
-            await anyio.sleep(self._next_send - now)
-            now = anyio.current_time()
-        self._next_send = now + self._gap
+    def __init__(self, urgency: Callable[[], float] | None) -> None:
+        self.urgency = urgency
+        self.granted = False
+        self._event = anyio.Event()
+
+    def rate(self) -> float:
+        return self.urgency() if self.urgency is not None else 0.0
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def woken(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
 
 
 _MARGIN = 0.02

@@ -7,6 +7,7 @@ polling again cannot fix (a revoked key, an unknown task).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -49,6 +50,9 @@ class PollSchedule(Protocol):
         def next_delay(self, task, attempt, elapsed, progress):
             return 1.0
 
+        def urgency(self, task, pending_at, elapsed):
+            return 0.0
+
         def done(self, task, lower, upper):
             pass
 
@@ -63,6 +67,13 @@ class PollSchedule(Protocol):
         last poll, which found it pending, was sent (its answer's round trip is not waited
         again); `progress` the last fraction the API reported (FLUX.1 models), or None.
         """
+        ...
+
+    def urgency(self, task: Task, pending_at: float, elapsed: float) -> float:
+        """How urgent a poll of `task` is now, `elapsed` s after its acceptance, the last
+        poll having found it pending at `pending_at` (0 before the first poll). When more
+        polls are due than the poll budget lets out, the most urgent goes first; return a
+        constant for first come, first served."""
         ...
 
     def done(self, task: Task, lower: float, upper: float | None) -> None:
@@ -110,6 +121,10 @@ class Backoff:
         """Seconds before the next poll: `initial * factor**attempt`, capped, jittered."""
         base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
         return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def urgency(self, task: Task, pending_at: float, elapsed: float) -> float:
+        """All alike: polls held by the poll budget go in the order they came."""
+        return 0.0
 
     def done(self, task: Task, lower: float, upper: float | None) -> None:
         """Plain backoff learns nothing."""
@@ -184,6 +199,10 @@ def _finish(result: Result, lower: float, upper: float, accepted_at: float) -> t
     return finish, finish
 
 
+def _urgency(schedule: PollSchedule, task: Task, accepted_at: float, pending_at: float) -> float:
+    return schedule.urgency(task, pending_at, anyio.current_time() - accepted_at)
+
+
 async def watch_task(
     api: API,
     task: Task,
@@ -196,7 +215,7 @@ async def watch_task(
     """Poll `task` until it is terminal; return its Result or raise its TaskError.
 
     `accepted_at` is the `anyio.current_time()` at which BFL accepted the task; every poll
-    first takes its place in the shared `budget`; failed polls are retried after
+    first takes its turn in the shared `budget`; failed polls are retried after
     `retry_base_delay`, doubling, at most 30 s. The schedule hears how the watch ended.
     """
     attempt = 0
@@ -211,11 +230,11 @@ async def watch_task(
     try:
         poll = api.prepare("GET", task.polling_url)  # built once, sent at every poll
         while True:
-            if budget is not None:
-                at = budget.reserve(at)
             await anyio.sleep(max(0.0, at - anyio.current_time()))
             if budget is not None:
-                await budget.send()
+                await budget.send(
+                    functools.partial(_urgency, schedule, task, accepted_at, pending_at)
+                )
             polls += 1
             sent_at = anyio.current_time() - accepted_at
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -28,6 +29,10 @@ class Slowed:
     def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
         """The inner schedule's delay, times `factor`."""
         return self.inner.next_delay(task, attempt, elapsed, progress) * self.factor
+
+    def urgency(self, task: Task, pending_at: float, elapsed: float) -> float:
+        """The inner schedule's."""
+        return self.inner.urgency(task, pending_at, elapsed)
 
     def done(self, task: Task, lower: float, upper: float | None) -> None:
         """Passed on: a slow poll that found the task ready is still a valid observation."""
@@ -88,6 +93,10 @@ class FirstNow:
     def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
         """0 for the first poll, then the inner schedule's delay."""
         return 0.0 if attempt == 0 else self.inner.next_delay(task, attempt, elapsed, progress)
+
+    def urgency(self, task: Task, pending_at: float, elapsed: float) -> float:
+        """Before the first poll, above all others: that poll will find the task ended."""
+        return math.inf if pending_at == 0 else self.inner.urgency(task, pending_at, elapsed)
 
     def done(self, task: Task, lower: float, upper: float | None) -> None:
         """Passed on to the inner schedule."""

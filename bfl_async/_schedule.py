@@ -24,14 +24,14 @@ _GRID = 400
 _SEARCH_STEPS = 10
 _SIGMA_STEP = 0.05
 _NEWTON_STEPS = 12
-_LEARNING = 8  # tasks seen before the budget settles
-_EXPLORE = 1.0  # extra polls per task while learning
-_MAX_SCALE = 1.5  # at most this many times `polls_per_task` planned
-_BUDGET_STEP = 0.05
+_LEARNING = 8  # tasks seen before the plan stops exploring
+_EXPLORE = 2.0  # extra polls per task while learning
 _Z995 = 2.5758  # the standard normal's 99.5 % quantile
 _Z01 = -2.3263  # ... and its 1 % quantile
 _TRUST_AFTER = 8  # tasks whose progress foretold their end, before it is trusted
 _TRUST_ERROR = 0.05  # how far off (relative) 9 of 10 of those foretold ends may be
+_BATCH = 4  # tasks watched at once that make a batch
+_LAST_GAP = 0.15  # seconds between polls of the last task left of a batch
 
 
 def _lognormal_cdf(median: float, sigma: float) -> Callable[[float], float]:
@@ -162,16 +162,11 @@ class _Model:
         self.seen: deque[tuple[float, float]] = deque(maxlen=window)
         self.pending: dict[str, float] = {}
         self.polls: dict[str, int] = {}  # polls so far of each task being watched
-        # Of the last tasks seen ready once learning was over, (polls the plan would have
-        # made, polls made): a busy poll budget moves polls later, where they find more
-        # tasks ready, so fewer are made than planned.
-        self.spent: deque[tuple[int, int]] = deque(maxlen=64)
         # The end each watched task's first progress report foretold, and for the last
         # tasks seen ready, how far off that was (relative).
         self.foretold: dict[str, float] = {}
         self.misses: deque[float] = deque(maxlen=32)
-        self.budget = 0.0
-        self.learning = True
+        self.batched: set[str] = set()  # watched tasks accepted in a batch
         self.policy: _Policy | None = None
         self.planned_at = -1
 
@@ -240,6 +235,24 @@ class _Model:
                 break
         self.mu, self.sigma = x[0], math.exp(x[1])
 
+    def waited(self, pending_at: float, elapsed: float) -> float:
+        """How long a task found pending at `pending_at` has, on average, been ended and
+        unseen by `elapsed`: E[(elapsed - T)+ | T > pending_at] for the fitted lognormal T."""
+        if elapsed <= pending_at:
+            return 0.0
+        mu, sigma = self.mu, self.sigma
+        mean = math.exp(mu + sigma * sigma / 2)
+
+        def integral(t: float) -> float:  # ∫ F from 0 to t = t F(t) - E[T; T <= t]
+            if t <= 0:
+                return 0.0
+            z = (math.log(t) - mu) / sigma
+            return t * _phi(z) - mean * _phi(z - sigma)
+
+        before = _phi((math.log(pending_at) - mu) / sigma) if pending_at > 0 else 0.0
+        ended = integral(elapsed) - integral(pending_at) - before * (elapsed - pending_at)
+        return max(0.0, ended) / max(1e-12, 1.0 - before)
+
     @property
     def progress_trusted(self) -> bool:
         """Whether this model's progress has foretold when its tasks end, closely enough
@@ -270,12 +283,15 @@ class LearnedSchedule:
     last `window` tasks: each one finished between the last poll that found it pending and
     the poll that found it ready, or when the API says it did (FLUX.1 reports its end).
     The poll times minimise the expected delay between a task finishing and the client
-    seeing it, for `polls_per_task` polls per task on average
-    (raise it for earlier detection; the client's `poll_rate` budget still caps the total,
-    and when it moves polls later, more are planned so that about as many are made).
+    seeing it, for `polls_per_task` polls per task on average (raise it for earlier
+    detection). The client's `poll_rate` budget still caps the total: when more polls are
+    due than it lets out, the ones whose tasks have likely waited longest go first, and
+    the ones held back find more tasks ended, so fewer are made than planned.
     When the API reports progress (FLUX.1 models), the finish is extrapolated from it: no
     later than planned at first, and once progress has foretold the end of enough tasks
     within 5 %, at the foretold end alone, with a first look early in the task to read it.
+    The last task left of a batch is polled every 0.15 s: all who wait on the batch wait
+    on it, and the budget has nothing else to do.
 
     ```python
     AsyncBFL(poll_rate=40, poll_schedule=LearnedSchedule(polls_per_task=7))  # earlier, dearer
@@ -284,7 +300,7 @@ class LearnedSchedule:
 
     def __init__(
         self,
-        polls_per_task: float = 3.5,
+        polls_per_task: float = 3.9,
         *,
         window: int = 256,
         prior_weight: float = 2.0,
@@ -316,25 +332,14 @@ class LearnedSchedule:
             model.fit(self._prior_weight)
             # Spreads a few hundredths apart share a policy: each costs a DP to compute.
             sigma = round(model.sigma / _SIGMA_STEP) * _SIGMA_STEP
-            model.budget = self._budget(model)
-            model.learning = len(model.seen) < _LEARNING
-            model.policy = self._solved(round(sigma, 3), model.budget)
+            # Two more polls per task while little is known: the first tasks are planned from
+            # the prior alone and would otherwise be seen late; their polls also teach the
+            # model where tasks finish.
+            learning = len(model.seen) < _LEARNING
+            budget = self.polls_per_task + (_EXPLORE if learning else 0.0)
+            model.policy = self._solved(round(sigma, 3), budget)
             model.planned_at = len(model.seen)
         return model.policy
-
-    def _budget(self, model: _Model) -> float:
-        """Polls per task to plan for, so that `polls_per_task` are made on average.
-
-        One more while little is known: the first tasks are planned from the prior alone
-        and would otherwise be seen late; their polls also teach the model where tasks
-        finish. Past that, the plan is scaled by how many of the planned polls were made.
-        """
-        if len(model.seen) < _LEARNING:
-            return self.polls_per_task + _EXPLORE
-        planned = sum(budget for budget, _ in model.spent)
-        made = sum(polls for _, polls in model.spent)
-        scale = min(_MAX_SCALE, max(1.0, planned / made)) if made else 1.0
-        return round(self.polls_per_task * scale / _BUDGET_STEP) * _BUDGET_STEP
 
     def _solved(self, sigma: float, budget: float) -> _Policy:
         """The policy for a lognormal of median 1 and this `sigma`: a lognormal's policy
@@ -354,8 +359,11 @@ class LearnedSchedule:
         acceptance (just accepted for attempt 0)."""
         model = self._model(task.model)
         model.polls[task.id] = attempt
+        watched = sum(len(m.polls) for m in self._models.values())
         if attempt:
             model.pending[task.id] = elapsed
+        elif watched >= _BATCH:
+            model.batched.add(task.id)
         policy = self._policy(model)
         planned = policy.next_poll(elapsed / model.scale)
         if planned is not None:
@@ -380,7 +388,21 @@ class LearnedSchedule:
             # The first poll early, where almost no task has ended: its progress says when
             # the task will.
             delay = min(delay, model.scale * math.exp(_Z01 * model.sigma) - elapsed)
+        if watched == 1 and task.id in model.batched:
+            # The last task left of a batch holds up all who wait on the batch, and the poll
+            # budget has nothing else to do.
+            delay = min(delay, _LAST_GAP)
         return min(_MAX_DELAY, max(_MIN_DELAY, delay))
+
+    def urgency(self, task: Task, pending_at: float, elapsed: float) -> float:
+        """How long `task` has, on average, been ended and unseen: the delay that holding
+        its poll back adds to, if it has ended (found pending `pending_at` s after its
+        acceptance, now `elapsed`). Where its progress is trusted, the time past its end."""
+        model = self._model(task.model)
+        foretold = model.foretold.get(task.id)
+        if foretold is not None and model.progress_trusted:
+            return max(0.0, elapsed - foretold)
+        return model.waited(pending_at, elapsed)
 
     def done(self, task: Task, lower: float, upper: float | None) -> None:
         """`task` was found ready between `lower` and `upper` s after acceptance (exactly
@@ -388,13 +410,10 @@ class LearnedSchedule:
         failed, cancelled)."""
         model = self._model(task.model)
         model.pending.pop(task.id, None)
-        polls = model.polls.pop(task.id, 0) + 1
+        model.batched.discard(task.id)
+        model.polls.pop(task.id, None)
         foretold = model.foretold.pop(task.id, None)
         if upper is not None:
             if foretold is not None:
                 model.misses.append(max(0.0, lower - foretold, foretold - upper) / foretold)
-            elif not model.learning and model.policy is not None:
-                # Only where the plan alone placed the polls: progress saves polls too.
-                finish = (lower + upper) / 2 / model.scale
-                model.spent.append((model.policy.polls_until(finish), polls))
             model.seen.append((max(0.0, lower), max(lower, upper)))

@@ -619,9 +619,9 @@ class RedisPollBudget(PollBudget):
     def __repr__(self) -> str:
         return f"RedisPollBudget(per_second={self.per_second}, {self._limiter!r})"
 
-    async def send(self) -> None:
-        """Pace this process's polls, then take the account's next free moment."""
-        await super().send()
+    async def send(self, urgency: Callable[[], float] | None = None) -> None:
+        """Take this process's turn, then the account's next free moment."""
+        await super().send(urgency)
         script = self._limiter._poll_script
         if script is None:
             return

@@ -7,6 +7,7 @@ import math
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -140,33 +141,6 @@ def test_the_fast_plan_is_as_good_as_trying_every_poll_time() -> None:
         assert all(i < j for i, j in enumerate(after[:-1]))
         best = brute_force_plan(cdf, moment, step, price)
         assert cost_of(cdf, moment, step, price, after) == pytest.approx(best, abs=1e-9)
-
-
-def finish(schedule: LearnedSchedule, n: int, fewer: int) -> None:
-    """Task `n` found ready 4 s after acceptance (pending at 3.5 s), with `fewer` polls than
-    the schedule planned for a task finishing then (at least one)."""
-    model = schedule._models["flux-2-pro"]
-    assert model.policy is not None
-    planned = model.policy.polls_until(3.75 / model.scale)
-    t = task(n)
-    for attempt in range(max(1, planned - fewer)):
-        schedule.next_delay(t, attempt, 3.5 if attempt else 0.0, None)
-    schedule.done(t, 3.5, 4.0)
-
-
-def test_planned_polls_rise_when_a_busy_budget_saves_some() -> None:
-    schedule = LearnedSchedule(polls_per_task=3.0)
-    teach(schedule, "flux-2-pro", median=4.0, sigma=0.4, n=16)
-    model = schedule._models["flux-2-pro"]
-    for n in range(100, 164):  # as many polls as planned: the plan stays
-        finish(schedule, n, fewer=0)
-    assert schedule._budget(model) == pytest.approx(3.0)
-    for n in range(200, 264):  # a busy budget saved one each: plan more
-        finish(schedule, n, fewer=1)
-    assert 3.0 < schedule._budget(model) <= 4.5
-    for n in range(300, 364):  # however many it saves, at most 1.5 times the setting
-        finish(schedule, n, fewer=10)
-    assert schedule._budget(model) == pytest.approx(4.5)
 
 
 def test_a_policy_counts_its_polls_up_to_a_finish() -> None:
@@ -379,7 +353,7 @@ async def test_the_client_learns_flux1_finishes_exactly() -> None:
 def test_bad_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         LearnedSchedule(polls_per_task=0.5)
-    assert "3.5" in repr(LearnedSchedule())
+    assert "3.9" in repr(LearnedSchedule())
 
 
 async def test_the_client_reports_every_watch_to_its_schedule(tmp_path: Path) -> None:
@@ -407,6 +381,9 @@ async def test_the_next_poll_counts_from_when_the_last_one_left_not_from_its_ans
         ) -> float:
             return 0.3
 
+        def urgency(self, task: Task, pending_at: float, elapsed: float) -> float:
+            return 0.0
+
         def done(self, task: Task, lower: float, upper: float | None) -> None:
             pass
 
@@ -429,30 +406,86 @@ def window_counts(moments: list[float], window: float = 1.0) -> int:
     return max(sum(1 for m in ordered if start <= m < start + window) for start in ordered)
 
 
-async def test_budget_keeps_every_window_within_the_rate() -> None:
-    budget = PollBudget(20.0)
-    now = anyio.current_time()
-    moments = [budget.reserve(now + 2.0) for _ in range(50)]
-    assert window_counts(moments) <= 20
-    assert all(m >= now for m in moments)
+async def test_budget_keeps_polls_apart() -> None:
+    budget = PollBudget(200.0)  # 0.0051 s apart
+    left: list[float] = []
+
+    async def poll() -> None:
+        await budget.send()
+        left.append(anyio.current_time())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(40):
+            tg.start_soon(poll)
     # Paced, never in bursts: a server's window cannot catch two polls together.
-    ordered = sorted(moments)
-    assert min(b - a for a, b in itertools.pairwise(ordered)) >= 1.02 / 20 - 1e-9
-    # The nearest free moments are taken, before as well as after the one asked for.
-    assert min(moments) < now + 2.0 < max(moments)
-    assert max(abs(m - (now + 2.0)) for m in moments) < 1.6
+    assert len(left) == 40
+    assert min(b - a for a, b in itertools.pairwise(left)) >= 1.02 / 200 - 1e-6
 
 
-async def test_budget_fills_the_gaps_between_bookings() -> None:
+async def in_turn(budget: PollBudget, urgencies: list[float | None]) -> list[int]:
+    """The order in which polls of these urgencies, all waiting for one busy budget, leave."""
+    left: list[int] = []
+
+    async def poll(n: int, urgency: float | None) -> None:
+        await budget.send(None if urgency is None else (lambda: urgency))
+        left.append(n)
+
+    await budget.send()  # the budget is busy: the next turn is a gap away
+    async with anyio.create_task_group() as tg:
+        for n, urgency in enumerate(urgencies):
+            tg.start_soon(poll, n, urgency)
+            await anyio.sleep(0.005)  # they come in this order
+    return left
+
+
+async def test_budget_lets_the_most_urgent_poll_go_first() -> None:
+    # All four wait for the turn a gap after the busy budget's last poll; turns go by urgency.
+    assert await in_turn(PollBudget(10.0), [0.1, 0.7, 0.3, 0.9]) == [3, 1, 2, 0]
+
+
+async def test_budget_takes_equally_urgent_polls_in_the_order_they_came() -> None:
+    assert await in_turn(PollBudget(10.0), [None, None, None]) == [0, 1, 2]
+    assert await in_turn(PollBudget(10.0), [0.5, 0.5, 0.5]) == [0, 1, 2]
+
+
+async def test_budget_asks_for_urgency_when_the_turn_comes() -> None:
+    budget = PollBudget(10.0)
+    rising = {"urgency": 0.0}
+    left: list[str] = []
+
+    async def poll(name: str, urgency: Callable[[], float]) -> None:
+        await budget.send(urgency)
+        left.append(name)
+
+    await budget.send()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(poll, "steady", lambda: 0.5)
+        await anyio.sleep(0.005)
+        tg.start_soon(poll, "rising", lambda: rising["urgency"])
+        await anyio.sleep(0.005)
+        rising["urgency"] = 1.0  # more urgent than the other by the time the turn comes
+    assert left == ["rising", "steady"]
+
+
+async def test_a_cancelled_poll_gives_up_its_turn() -> None:
     budget = PollBudget(10.0)  # 0.102 s apart
-    now = anyio.current_time()
-    assert budget.reserve(now + 1.0) == now + 1.0
-    assert budget.reserve(now + 1.3) == now + 1.3
-    # Room for one more between them, at least 0.102 s from both.
-    assert budget.reserve(now + 1.05) == pytest.approx(now + 1.102)
-    # None left in between: the nearest free moment, later or earlier.
-    assert budget.reserve(now + 1.25) == pytest.approx(now + 1.402)
-    assert budget.reserve(now + 1.1) == pytest.approx(now + 0.898)
+    left: list[str] = []
+
+    async def poll(name: str) -> None:
+        await budget.send()
+        left.append(name)
+
+    await budget.send()
+    started = anyio.current_time()
+    with anyio.fail_after(1.0):
+        async with anyio.create_task_group() as tg, anyio.create_task_group() as doomed:
+            doomed.start_soon(poll, "leader")  # first in line: it hands out the turns
+            await anyio.sleep(0.005)
+            tg.start_soon(poll, "next")
+            await anyio.sleep(0.005)
+            doomed.cancel_scope.cancel()
+    assert left == ["next"]
+    assert anyio.current_time() - started < 0.3  # at its turn, not stuck behind the cancelled
 
 
 async def test_budget_send_is_immediate_when_free() -> None:
@@ -488,3 +521,73 @@ async def test_budget_send_spaces_polls_that_a_stalled_loop_wakes_together() -> 
         time.sleep(0.2)  # noqa: ASYNC251 - the loop stalls past both turns: they wake together
     gaps = [b - a for a, b in itertools.pairwise(left)]
     assert len(gaps) == 2 and min(gaps) >= 0.05
+
+
+# --- which poll goes first, and the last of a batch --------------------------------------
+
+
+def test_urgency_is_how_long_a_task_has_likely_been_ended_and_unseen() -> None:
+    schedule = LearnedSchedule()
+    t = task(1)
+    schedule.next_delay(t, 0, 0.0, None)
+    model = schedule._models["flux-2-pro"]
+    # E[(elapsed - T)+ | T > pending_at] for the fitted lognormal, by simulation.
+    rng = random.Random(5)
+    draws = [model.scale * math.exp(model.sigma * rng.gauss(0, 1)) for _ in range(200_000)]
+    for pending_at, elapsed in ((0.0, 3.0), (3.0, 4.5), (5.0, 5.5), (8.0, 10.0)):
+        later = [d for d in draws if d > pending_at]
+        expected = sum(max(0.0, elapsed - d) for d in later) / len(later)
+        assert schedule.urgency(t, pending_at, elapsed) == pytest.approx(expected, rel=0.03)
+    assert schedule.urgency(t, 4.0, 4.0) == 0.0
+    # A poll held back grows more urgent; a task found pending just now is the least urgent.
+    assert schedule.urgency(t, 3.0, 4.0) < schedule.urgency(t, 3.0, 4.5)
+    assert schedule.urgency(t, 3.9, 4.5) < schedule.urgency(t, 3.0, 4.5)
+
+
+def test_with_trusted_progress_urgency_is_the_time_past_the_foretold_end() -> None:
+    schedule, model = LearnedSchedule(), "flux-pro-1.1"
+    for n, duration in enumerate(DURATIONS[:8]):
+        watch_with_progress(schedule, n, model, duration, duration)
+    t = task(99, model)
+    schedule.next_delay(t, 0, 0.0, None)
+    schedule.next_delay(t, 1, 1.0, 0.25)  # foretells its end at 4 s
+    assert schedule.urgency(t, 1.0, 3.5) == 0.0
+    assert schedule.urgency(t, 1.0, 4.3) == pytest.approx(0.3)
+
+
+def plan_gap(schedule: LearnedSchedule, model: str, k: int) -> tuple[float, float]:
+    """The plan's k-th poll time (s after acceptance) and the gap to the next."""
+    state = schedule._model(model)
+    times = [x * state.scale for x in schedule._policy(state).times]
+    return times[k], times[k + 1] - times[k]
+
+
+def test_the_last_task_left_of_a_batch_is_polled_often() -> None:
+    schedule = LearnedSchedule()
+    batch = [task(n) for n in range(5)]
+    for t in batch:
+        schedule.next_delay(t, 0, 0.0, None)
+    for t in batch:
+        schedule.next_delay(t, 1, 2.0, None)
+    for t in batch[:-1]:
+        schedule.done(t, 2.0, 3.0)
+    at, gap = plan_gap(schedule, "flux-2-pro", 3)
+    assert gap > 0.3
+    # Alone now: everyone waiting on the batch waits on it.
+    assert schedule.next_delay(batch[-1], 2, at, None) == pytest.approx(0.15)
+
+
+def test_a_task_alone_or_in_a_pair_keeps_its_plan() -> None:
+    schedule = LearnedSchedule()
+    alone = task(1)
+    schedule.next_delay(alone, 0, 0.0, None)
+    at, gap = plan_gap(schedule, "flux-2-pro", 3)
+    assert schedule.next_delay(alone, 1, at, None) == pytest.approx(gap)
+    schedule.done(alone, at, None)
+    pair = [task(2), task(3)]
+    for t in pair:
+        schedule.next_delay(t, 0, 0.0, None)
+        schedule.next_delay(t, 1, 2.0, None)
+    schedule.done(pair[0], 2.0, None)
+    at, gap = plan_gap(schedule, "flux-2-pro", 3)
+    assert schedule.next_delay(pair[1], 2, at, None) == pytest.approx(gap)

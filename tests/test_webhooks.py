@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,9 @@ def test_slowed_schedule_stretches_delays_and_passes_observations_on() -> None:
     seen: list[tuple[float, float | None]] = []
 
     class Recorder(Backoff):
+        def urgency(self, task: Task, pending_at: float, elapsed: float) -> float:
+            return elapsed - pending_at
+
         def done(self, task: Task, lower: float, upper: float | None) -> None:
             seen.append((lower, upper))
 
@@ -203,6 +207,10 @@ def test_slowed_schedule_stretches_delays_and_passes_observations_on() -> None:
     assert [now.next_delay(task, n, 0.0, None) for n in range(3)] == [0.0, 1.0, 2.0]
     now.done(task, 3.0, None)
     assert seen == [(1.0, 2.0), (3.0, None)]
+    # Urgency passes through, but a pushed end's first poll goes before any other.
+    assert slowed.urgency(task, 1.0, 1.5) == 0.5
+    assert now.urgency(task, 0.0, 0.2) == math.inf
+    assert now.urgency(task, 1.0, 1.5) == 0.5
 
 
 @pytest.mark.anyio
