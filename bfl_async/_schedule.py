@@ -161,12 +161,12 @@ class _Model:
         self.sigma = sigma
         self.seen: deque[tuple[float, float]] = deque(maxlen=window)
         self.pending: dict[str, float] = {}
-        self.polls: dict[str, int] = {}  # polls so far of each task being watched
+        self.watching: set[str] = set()  # the tasks being watched
         # The end each watched task's first progress report foretold, and for the last
         # tasks seen ready, how far off that was (relative).
         self.foretold: dict[str, float] = {}
         self.misses: deque[float] = deque(maxlen=32)
-        self.batched: set[str] = set()  # watched tasks accepted in a batch
+        self.batched: set[str] = set()  # of those, the ones accepted in a batch
         self.policy: _Policy | None = None
         self.planned_at = -1
 
@@ -358,8 +358,8 @@ class LearnedSchedule:
         """Seconds until the next poll of `task`, last found pending `elapsed` s after its
         acceptance (just accepted for attempt 0)."""
         model = self._model(task.model)
-        model.polls[task.id] = attempt
-        watched = sum(len(m.polls) for m in self._models.values())
+        model.watching.add(task.id)
+        watched = sum(len(m.watching) for m in self._models.values())
         if attempt:
             model.pending[task.id] = elapsed
         elif watched >= _BATCH:
@@ -411,7 +411,7 @@ class LearnedSchedule:
         model = self._model(task.model)
         model.pending.pop(task.id, None)
         model.batched.discard(task.id)
-        model.polls.pop(task.id, None)
+        model.watching.discard(task.id)
         foretold = model.foretold.pop(task.id, None)
         if upper is not None:
             if foretold is not None:

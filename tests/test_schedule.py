@@ -401,22 +401,18 @@ async def test_the_next_poll_counts_from_when_the_last_one_left_not_from_its_ans
 # --- the poll-rate budget ----------------------------------------------------------------
 
 
-def window_counts(moments: list[float], window: float = 1.0) -> int:
-    ordered = sorted(moments)
-    return max(sum(1 for m in ordered if start <= m < start + window) for start in ordered)
+async def leave(budget: PollBudget, left: list[float]) -> None:
+    """One poll's turn in `budget`; when it left goes into `left`."""
+    await budget.send()
+    left.append(anyio.current_time())
 
 
 async def test_budget_keeps_polls_apart() -> None:
     budget = PollBudget(200.0)  # 0.0051 s apart
     left: list[float] = []
-
-    async def poll() -> None:
-        await budget.send()
-        left.append(anyio.current_time())
-
     async with anyio.create_task_group() as tg:
         for _ in range(40):
-            tg.start_soon(poll)
+            tg.start_soon(leave, budget, left)
     # Paced, never in bursts: a server's window cannot catch two polls together.
     assert len(left) == 40
     assert min(b - a for a, b in itertools.pairwise(left)) >= 1.02 / 200 - 1e-6
@@ -509,14 +505,9 @@ async def test_budget_send_holds_polls_that_would_leave_together() -> None:
 async def test_budget_send_spaces_polls_that_a_stalled_loop_wakes_together() -> None:
     budget = PollBudget(20.0)  # 0.051 s apart
     left: list[float] = []
-
-    async def poll() -> None:
-        await budget.send()
-        left.append(anyio.current_time())
-
     async with anyio.create_task_group() as tg:
         for _ in range(3):
-            tg.start_soon(poll)
+            tg.start_soon(leave, budget, left)
         await anyio.sleep(0.01)  # the first has left; the others sleep until their turn
         time.sleep(0.2)  # noqa: ASYNC251 - the loop stalls past both turns: they wake together
     gaps = [b - a for a, b in itertools.pairwise(left)]
