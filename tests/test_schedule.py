@@ -13,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bfl_async import AsyncBFL, LearnedSchedule, Result, Task
+from bfl_async import AsyncBFL, Backoff, LearnedSchedule, Result, Task
 from bfl_async._limits import PollBudget
 from bfl_async._polling import _finish
 from bfl_async._schedule import _lognormal_cdf, _Policy
@@ -442,6 +442,8 @@ async def test_budget_lets_the_most_urgent_poll_go_first() -> None:
 async def test_budget_takes_equally_urgent_polls_in_the_order_they_came() -> None:
     assert await in_turn(PollBudget(10.0), [None, None, None]) == [0, 1, 2]
     assert await in_turn(PollBudget(10.0), [0.5, 0.5, 0.5]) == [0, 1, 2]
+    # The plain backoff rates every poll alike: its polls go in the order they came.
+    assert Backoff().urgency(task(1), 1.0, 5.0) == Backoff().urgency(task(2), 0.0, 9.0) == 0.0
 
 
 async def test_budget_asks_for_urgency_when_the_turn_comes() -> None:
