@@ -372,14 +372,14 @@ def budget_curve(
     summary: dict[str, dict[str, dict[str, float]]], budgets: Sequence[float]
 ) -> list[dict[str, float]]:
     """Per poll budget R, the medians of the bfl_async run on the budget workload."""
-    from bfl_async import LearnedSchedule
+    from clients import planned_polls
 
     rows = summary.get(BUDGET_WORKLOAD, {})
     curve = []
     for rate in budgets:
         medians = rows.get(budget_label(rate)) or (rows.get("bfl_async") if rate == 20 else None)
         if medians is not None:
-            setting = LearnedSchedule().polls_per_task * rate / 20
+            setting = planned_polls(rate)
             curve.append({"poll_rate": rate, "polls_per_task_setting": setting, **medians})
     return curve
 

@@ -166,6 +166,9 @@ class _Model:
         # tasks seen ready, how far off that was (relative).
         self.foretold: dict[str, float] = {}
         self.misses: deque[float] = deque(maxlen=32)
+        # Whether progress has foretold ends closely enough to poll when it says and not
+        # where the plan would (kept up to date by `missed`: urgency asks it at every turn).
+        self.progress_trusted = False
         self.batched: set[str] = set()  # of those, the ones accepted in a batch
         self.policy: _Policy | None = None
         self.planned_at = -1
@@ -253,14 +256,13 @@ class _Model:
         ended = integral(elapsed) - integral(pending_at) - before * (elapsed - pending_at)
         return max(0.0, ended) / max(1e-12, 1.0 - before)
 
-    @property
-    def progress_trusted(self) -> bool:
-        """Whether this model's progress has foretold when its tasks end, closely enough
-        to poll when it says and not where the plan would."""
-        if len(self.misses) < _TRUST_AFTER:
-            return False
-        ordered = sorted(self.misses)
-        return ordered[int(0.9 * (len(ordered) - 1))] <= _TRUST_ERROR
+    def missed(self, miss: float) -> None:
+        """A task ended `miss` (relative) away from where its first progress foretold:
+        progress is trusted while 9 in 10 of the last ones, at least 8, are within 5 %."""
+        self.misses.append(miss)
+        if len(self.misses) >= _TRUST_AFTER:
+            ordered = sorted(self.misses)
+            self.progress_trusted = ordered[int(0.9 * (len(ordered) - 1))] <= _TRUST_ERROR
 
     @property
     def look_early(self) -> bool:
@@ -415,5 +417,5 @@ class LearnedSchedule:
         foretold = model.foretold.pop(task.id, None)
         if upper is not None:
             if foretold is not None:
-                model.misses.append(max(0.0, lower - foretold, foretold - upper) / foretold)
+                model.missed(max(0.0, lower - foretold, foretold - upper) / foretold)
             model.seen.append((max(0.0, lower), max(lower, upper)))
