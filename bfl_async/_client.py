@@ -12,6 +12,7 @@ import random
 import re
 import ssl
 import time
+import urllib.request
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
     connection of a pool on each request (quadratically in places), so few are kept alive.
     The https pools share one TLS context (each costs tens of milliseconds of CPU to load),
     and their connections run on `NetworkBackend` (asyncio's transports under asyncio).
+    Proxies come from the environment, as httpx's own client takes them (`HTTPS_PROXY`,
+    `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`), which it does not once given a transport.
     """
 
     def __init__(self, base_url: httpx.URL, verify: bool | ssl.SSLContext = True) -> None:
@@ -112,10 +115,13 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
                 keepalive_expiry=_IDLE_EXPIRY,
             )
             tls = self._tls_for(url.scheme)
-            pool = self._pools[origin] = httpx.AsyncHTTPTransport(limits=limits, verify=tls)
+            proxy = _proxy_for(url)
+            pool = self._pools[origin] = httpx.AsyncHTTPTransport(
+                limits=limits, verify=tls, proxy=proxy
+            )
             # httpx has no network_backend option: the same pool, built again with ours. A
-            # future httpx building something else keeps its own.
-            if isinstance(pool._pool, httpcore.AsyncConnectionPool):
+            # future httpx building something else keeps its own, as does a proxy's.
+            if proxy is None and isinstance(pool._pool, httpcore.AsyncConnectionPool):
                 pool._pool = httpcore.AsyncConnectionPool(
                     ssl_context=tls,
                     max_connections=size,
@@ -144,6 +150,15 @@ class _RoutingTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         for pool in self._pools.values():
             await pool.aclose()
+
+
+def _proxy_for(url: httpx.URL) -> str | None:
+    """The proxy the environment names for `url` (as urllib and requests read it), if any."""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(f"{url.host}:{url.port}" if url.port else url.host):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 _API_CONNECTIONS = 32  # room for a burst of 24 submits, and polls beside them

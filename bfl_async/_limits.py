@@ -346,7 +346,8 @@ class PollBudget:
     async def send(self, urgency: Callable[[], float] | None = None) -> None:
         """Wait for this poll's turn: `gap` after the last poll really left, with no more
         urgent poll waiting. `urgency()` is asked when a turn comes up; polls without one,
-        or equally urgent, go in the order they came."""
+        or equally urgent, go in the order they came. If it raises, this poll (and no other)
+        raises it, without taking a turn."""
         now = anyio.current_time()
         if not self._waiting and now >= self._next_send:
             self._next_send = now + self._gap
@@ -367,7 +368,8 @@ class PollBudget:
                 best = max(self._waiting, key=_Turn.rate)
                 self._waiting.remove(best)
                 best.granted = True
-                self._next_send = now + self._gap
+                if best.error is None:
+                    self._next_send = now + self._gap
                 best.wake()
         finally:
             if not turn.granted:
@@ -376,6 +378,8 @@ class PollBudget:
                 self._leader = None
                 if self._waiting:
                     self._waiting[0].wake()
+        if turn.error is not None:
+            raise turn.error
 
 
 class _Turn:
@@ -384,10 +388,19 @@ class _Turn:
     def __init__(self, urgency: Callable[[], float] | None) -> None:
         self.urgency = urgency
         self.granted = False
+        self.error: Exception | None = None  # what `urgency` raised, for this poll to raise
         self._event = anyio.Event()
 
     def rate(self) -> float:
-        return self.urgency() if self.urgency is not None else 0.0
+        if self.urgency is None:
+            return 0.0
+        try:
+            return self.urgency()
+        except Exception as exc:
+            # Raised in the poll that hands out the turn, it would fail another task's
+            # watch: this poll goes first, to raise it in its own.
+            self.error = exc
+            return math.inf
 
     def wake(self) -> None:
         self._event.set()

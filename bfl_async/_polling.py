@@ -73,7 +73,8 @@ class PollSchedule(Protocol):
         """How urgent a poll of `task` is now, `elapsed` s after its acceptance, the last
         poll having found it pending at `pending_at` (0 before the first poll). When more
         polls are due than the poll budget lets out, the most urgent goes first; return a
-        constant for first come, first served."""
+        constant for first come, first served. What it raises fails that task's watch, as
+        from `next_delay`."""
         ...
 
     def done(self, task: Task, lower: float, upper: float | None) -> None:

@@ -22,6 +22,15 @@ def _no_shared_limiter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BFL_LIMITER_URL", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client takes proxies from the environment: the tests' loopback servers must not
+    be reached through the developer's."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port, stopped after the test."""

@@ -17,7 +17,7 @@ import trustme
 
 from bfl_async import APIConnectionError, AsyncBFL
 from bfl_async._network import NetworkBackend, _Stream
-from bfl_async.testing import fake_client
+from bfl_async.testing import FakeBFL, fake_client
 
 pytestmark = pytest.mark.anyio
 
@@ -286,3 +286,43 @@ async def test_under_trio_it_hands_over_to_httpcore(anyio_backend: str) -> None:
         (pool,) = client._http._transport._pools.values()  # type: ignore[attr-defined]
         (connection,) = pool._pool.connections
         assert not isinstance(connection._connection._network_stream, _Stream)
+
+
+# --- proxies from the environment ---------------------------------------------------------
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As httpx's own client does: it stops reading the environment once given a transport.
+    seen: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b"\r\n", 1)[0])
+        body = b'{"credits": 7.5}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    async with server(proxy) as port:
+        monkeypatch.setenv("HTTP_PROXY", f"127.0.0.1:{port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        # A host that cannot resolve: only the proxy can answer for it.
+        async with AsyncBFL(api_key="k", base_url="http://api.bfl.invalid") as client:
+            assert await client.credits() == 7.5
+    assert seen == [b"GET http://api.bfl.invalid/v1/credits HTTP/1.1"]
+
+
+async def test_no_proxy_sends_those_hosts_direct(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    async with (
+        FakeBFL(credits=3.0) as fake,
+        AsyncBFL(api_key=fake.api_key, base_url=fake.base_url) as client,
+    ):
+        assert await client.credits() == 3.0

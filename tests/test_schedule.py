@@ -465,6 +465,36 @@ async def test_budget_asks_for_urgency_when_the_turn_comes() -> None:
     assert left == ["rising", "steady"]
 
 
+async def test_an_urgency_that_raises_fails_its_own_poll_only() -> None:
+    budget = PollBudget(10.0)  # 0.102 s apart
+    left: list[tuple[str, float]] = []
+    failed: list[str] = []
+
+    def broken() -> float:
+        raise ZeroDivisionError("a custom schedule's bug")
+
+    async def poll(name: str, urgency: Callable[[], float]) -> None:
+        try:
+            await budget.send(urgency)
+        except ZeroDivisionError:
+            failed.append(name)
+        else:
+            left.append((name, anyio.current_time() - started))
+
+    await budget.send()
+    started = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(poll, "leader", lambda: 0.5)  # it hands out the turns, and asks
+        await anyio.sleep(0.005)
+        tg.start_soon(poll, "broken", broken)
+        await anyio.sleep(0.005)
+        tg.start_soon(poll, "last", lambda: 0.1)
+    assert failed == ["broken"]
+    assert [name for name, _ in left] == ["leader", "last"]
+    # The broken poll took no turn: the last poll left one gap after the leader, not two.
+    assert left[1][1] - left[0][1] < 0.15
+
+
 async def test_a_cancelled_poll_gives_up_its_turn() -> None:
     budget = PollBudget(10.0)  # 0.102 s apart
     left: list[str] = []
