@@ -1,7 +1,7 @@
 """Polling benchmark: bfl_async against the polling BFL's own docs and client suggest.
 
-    python benchmarks/polling.py                # 3 workloads x 5 seeds, about 20 minutes
-    python benchmarks/polling.py --quick        # a smoke run, about a minute
+    python benchmarks/polling.py                # 3 workloads x 5 seeds, about 25 minutes
+    python benchmarks/polling.py --quick        # a smoke run, about 2 minutes
 
 Runs the same workload, one client after the other, against a FakeBFL on loopback that runs
 in another process (`fake_server.py`); each client runs in a process of its own
@@ -657,15 +657,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="smoke run: 1 seed, a quarter of the jobs, budgets 20 and 80",
     )
-    parser.add_argument("--json", type=Path, default=RESULTS / "polling.json")
-    parser.add_argument("--markdown", type=Path, default=RESULTS / "polling.md")
-    parser.add_argument("--plot", type=Path, default=RESULTS / "polling.png")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="results/polling.json (--quick: results/quick/polling.json, so a smoke run never "
+        "overwrites a full one)",
+    )
+    parser.add_argument("--markdown", type=Path, help="the tables (default: beside --json)")
+    parser.add_argument("--plot", type=Path, help="the plot (default: beside --json)")
     parser.add_argument(
         "--report-only",
         action="store_true",
         help="re-render the tables and plot from --json without running",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.json is None:
+        args.json = (RESULTS / "quick" if args.quick else RESULTS) / "polling.json"
+    args.markdown = args.markdown or args.json.with_suffix(".md")
+    args.plot = args.plot or args.json.with_suffix(".png")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
