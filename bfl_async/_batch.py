@@ -27,7 +27,7 @@ import anyio
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ._catalog import ModelSpec, price
+from ._catalog import SECRET_PARAMS, ModelSpec, price
 from ._download import IMAGE_SUFFIXES, url_expiry
 from ._errors import (
     APIConnectionError,
@@ -53,7 +53,6 @@ __all__ = ["MANIFEST_NAME", "Batch", "JobRecord", "JobState", "job_key"]
 logger = logging.getLogger("bfl_async")
 
 MANIFEST_NAME = "manifest.json"
-_SECRET_PARAMS = frozenset({"webhook_secret"})
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # Task errors that end a job for good: the task is paid and nothing more will come of it.
 _FINAL_TASK_ERRORS = (ModerationError, GenerationError, TaskNotFoundError)
@@ -66,7 +65,7 @@ def job_key(model: str, params: Mapping[str, Any], name: str | None = None) -> s
     """
     if name is not None:
         return f"name:{name}"
-    public = {k: v for k, v in params.items() if k not in _SECRET_PARAMS}
+    public = {k: v for k, v in params.items() if k not in SECRET_PARAMS}
     text = json.dumps([model, public], sort_keys=True, default=str, ensure_ascii=False)
     return "hash:" + hashlib.sha256(text.encode()).hexdigest()[:20]
 

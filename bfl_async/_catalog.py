@@ -249,6 +249,8 @@ _SEED = ParamSpec("int", ge=0)
 _BOOL = ParamSpec("bool")
 _IMAGE = ParamSpec("image")
 _WEBHOOK = {"webhook_url": _STRING, "webhook_secret": _STRING}
+SECRET_PARAMS = frozenset({"webhook_secret"})
+"""Parameters never shown: not in errors, logs, reprs, journals or manifests."""
 
 _FLUX2_PARAMS: Mapping[str, ParamSpec] = {
     "prompt": ParamSpec("str", required=True),

@@ -47,6 +47,7 @@ from ._http import (
     cost_or_none,
     float_or_none,
     is_api_host,
+    retry_delay,
 )
 from ._limits import InFlightLimiter, InFlightSlot, Limiter
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
@@ -277,10 +278,17 @@ class AsyncBFL:
         webhook_secret: str | None = None,
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("BFL_API_KEY")
+        key = key.strip() if key else key  # a key read from a file ends with a newline
         if not key:
             raise MissingAPIKeyError(
                 "no API key: set the BFL_API_KEY environment variable or pass "
                 "AsyncBFL(api_key=...). Create a key at https://dashboard.bfl.ai"
+            )
+        bad = next((i for i, c in enumerate(key) if not "!" <= c <= "~"), None)
+        if bad is not None:  # httpx would refuse the header, and name the key in the error
+            raise ValueError(
+                f"the API key has a character an HTTP header cannot carry at position {bad + 1} "
+                "(a space, a control or non-ASCII character): check how it was copied"
             )
         if region not in REGIONS:
             raise ValueError(f"unknown region {region!r}; allowed: {', '.join(REGIONS)}")
@@ -294,7 +302,10 @@ class AsyncBFL:
         )
         self._api = API(self._http, key, str(self.base_url))
         self._downloader = Downloader(
-            self._http, attempts=download_attempts, max_bytes=max_download_bytes
+            self._http,
+            attempts=download_attempts,
+            max_bytes=max_download_bytes,
+            retry_base_delay=retry_base_delay,
         )
         self._limiter = _make_limiter(limiter, limits, separate_pools)
         self._unsubscribe: Callable[[], None] | None = None
@@ -313,7 +324,8 @@ class AsyncBFL:
         self._retry_base = retry_base_delay
         self._watches: dict[str, _Watch] = {}
         self._finished: deque[_Watch] = deque()
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._tg: anyio.abc.TaskGroup | None = None  # around the `async with` body
+        self._background: anyio.abc.TaskGroup | None = None  # the watches, inside one task
         self._closed = False
 
     def __repr__(self) -> str:
@@ -339,7 +351,15 @@ class AsyncBFL:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        self._background = await tg.start(self._serve)
         return self
+
+    async def _serve(self, *, task_status: anyio.abc.TaskStatus[anyio.abc.TaskGroup]) -> None:
+        """Host the background work (watches, `generate_many`) in a task group of its own, so
+        that `aclose` cancels that work and never the caller's `async with` body."""
+        async with anyio.create_task_group() as background:
+            task_status.started(background)
+            await anyio.sleep_forever()
 
     async def __aexit__(
         self,
@@ -347,8 +367,17 @@ class AsyncBFL:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        await self.aclose()
         assert self._tg is not None
+        try:
+            await self.aclose()
+        except BaseException:
+            await self._tg.__aexit__(None, None, None)  # its work is cancelled already
+            raise
+        if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+            # The body's own error leaves as it was raised, not wrapped in an ExceptionGroup
+            # by the task group (which has nothing of its own to report but a failed watch).
+            await self._tg.__aexit__(None, None, None)
+            return None
         return await self._tg.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
@@ -374,8 +403,8 @@ class AsyncBFL:
                         watch.task.id,
                         watch.task.model_dump_json(),
                     )
-            if self._tg is not None:
-                self._tg.cancel_scope.cancel()
+            if self._background is not None:
+                self._background.cancel_scope.cancel()
             if self._owns_http:
                 await self._http.aclose()
             if self._unsubscribe is not None:
@@ -386,12 +415,12 @@ class AsyncBFL:
     def _task_group(self) -> anyio.abc.TaskGroup:
         if self._closed:
             raise RuntimeError("this AsyncBFL is closed; create a new one")
-        if self._tg is None:
+        if self._background is None:
             raise RuntimeError(
                 "use AsyncBFL inside `async with AsyncBFL() as client:` so it can watch "
                 "the tasks it submits"
             )
-        return self._tg
+        return self._background
 
     # --- submit ------------------------------------------------------------------------
 
@@ -488,7 +517,8 @@ class AsyncBFL:
                         accepted = await self._api.post_submit(model, body, params)
                     except Refused as exc:
                         assert slot is not None
-                        slot.refused()
+                        if exc.error.status_code == 429:  # at the account's limit (a 503:
+                            slot.refused()  # the server is busy, not the account full)
                         failure = exc
                     except NotSent as exc:
                         failure = exc
@@ -506,11 +536,13 @@ class AsyncBFL:
                 refused += 1
                 if refused > self._rate_limit_retries:
                     raise failure.error
-                delay = max(
-                    failure.retry_after or 0.0, self._retry_base * 2.0 ** min(refused - 1, 6)
+                delay = retry_delay(self._retry_base, refused, failure.retry_after)
+                logger.info(
+                    "submit to %r refused (%d); retrying in %.1fs",
+                    model,
+                    failure.error.status_code,
+                    delay,
                 )
-                delay = min(delay, 30.0)
-                logger.info("submit to %r refused (429); retrying in %.1fs", model, delay)
             else:
                 not_sent += 1
                 if not_sent > self._submit_retries:
@@ -520,8 +552,9 @@ class AsyncBFL:
                         "Check the network and retry"
                     )
                 delay = min(8.0, self._retry_base * 2.0 ** (not_sent - 1))
+                delay *= random.uniform(1.0, 1.25)
                 logger.info("submit to %r not sent (%s); retrying", model, failure.reason)
-            await anyio.sleep(delay * random.uniform(1.0, 1.25))
+            await anyio.sleep(delay)
 
     def _adopt(
         self,

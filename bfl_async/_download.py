@@ -1,10 +1,10 @@
 """Streamed, length-checked, atomic downloads of result images.
 
-The image is never held whole in memory: it goes chunk by chunk to `<name>.part`, its length
-is checked against `Content-Length`, and it is renamed into place only when complete. A body
-larger than the cap, or whose first bytes are not a PNG, JPEG or WebP image, is refused as it
-arrives (storage may label anything `application/octet-stream`). The delivery host needs no
-key, and none is sent there.
+The image is never held whole in memory: it goes chunk by chunk to `<name>.<random>.part`,
+its length is checked against `Content-Length`, and it is renamed into place only when
+complete. A body larger than the cap, or whose first bytes are not a PNG, JPEG or WebP
+image, is refused as it arrives (storage may label anything `application/octet-stream`).
+The delivery host needs no key, and none is sent there.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import secrets
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -29,6 +30,7 @@ from ._errors import (
     Problem,
     ResultExpiredError,
 )
+from ._http import parse_retry_after, retry_delay
 from ._models import Result
 
 __all__ = ["DEFAULT_MAX_BYTES", "IMAGE_SUFFIXES", "Downloader", "check_file_name", "image_suffix"]
@@ -89,6 +91,10 @@ def check_file_name(model: str, name: str) -> None:
 class _Broken(Exception):
     """One transfer attempt failed in a way a new attempt may fix."""
 
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after  # what the delivery host asked for (429, 503)
+
 
 class Downloader:
     """Fetches result images from delivery hosts, retrying truncated transfers."""
@@ -99,9 +105,11 @@ class Downloader:
         *,
         attempts: int = 3,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
+        retry_base_delay: float = 0.5,
     ) -> None:
         self._client = client
         self._attempts = attempts
+        self._retry_base = retry_base_delay
         self._max_bytes = max_bytes
         self._disk: anyio.CapacityLimiter | None = None
 
@@ -170,7 +178,8 @@ class Downloader:
                     task=result.task,
                 )
             if response.status_code != 200:
-                raise _Broken(f"HTTP {response.status_code}")
+                wait = parse_retry_after(response.headers.get("retry-after"))
+                raise _Broken(f"HTTP {response.status_code}", wait)
             expected = response.headers.get("content-length")
             if expected is not None and expected.isdigit():
                 self._check_size(result, int(expected))
@@ -202,6 +211,16 @@ class Downloader:
                 yield pending
         finally:
             await response.aclose()
+
+    async def _pause(self, result: Result, exc: _Broken, attempt: int) -> None:
+        """Wait before the next attempt: a backoff, or as long as the host asked, but never
+        past the URL's expiry (the next attempt would then only learn that it expired)."""
+        delay = retry_delay(self._retry_base, attempt, exc.retry_after)
+        expiry = url_expiry(result.sample)
+        if expiry is not None:
+            delay = min(delay, max(0.0, expiry - time.time()))
+        logger.info("download of task %s broke (%s); retrying in %.1fs", result.task.id, exc, delay)
+        await anyio.sleep(delay)
 
     def _failed(self, result: Result, exc: _Broken) -> DownloadError:
         return DownloadError(
@@ -240,7 +259,7 @@ class Downloader:
                     raise self._failed(result, exc) from None
                 file.seek(start)
                 file.truncate()
-                logger.info("download of task %s broke (%s); retrying", result.task.id, exc)
+                await self._pause(result, exc, attempt)
         raise AssertionError("unreachable")
 
     async def to_directory(
@@ -259,7 +278,9 @@ class Downloader:
     async def _place(
         self, result: Result, directory: Path, name: str, *, overwrite: bool, durable: bool
     ) -> Path:
-        part = directory / f"{name}.part"
+        # A name of its own: two downloads to one name (gathered, last one wins) must not
+        # write into each other's file.
+        part = directory / f"{name}.{secrets.token_hex(4)}.part"
         for attempt in range(1, self._attempts + 1):
             head = b""
             # Written in blocks, each in one trip to a worker thread (the first one opens
@@ -281,7 +302,7 @@ class Downloader:
                 _discard(file, part)
                 if attempt == self._attempts:
                     raise self._failed(result, exc) from None
-                logger.info("download of task %s broke (%s); retrying", result.task.id, exc)
+                await self._pause(result, exc, attempt)
             except BaseException:
                 _discard(file, part)
                 raise

@@ -18,6 +18,7 @@ __all__ = [
     "APIError",
     "AuthenticationError",
     "BFLError",
+    "BatchInUseError",
     "BudgetExceededError",
     "DownloadError",
     "DownloadRefusedError",
@@ -140,6 +141,21 @@ class BudgetExceededError(BFLError):
         self.spent = spent
         self.max_cost = max_cost
         super().__init__(message)
+
+
+class BatchInUseError(BFLError):
+    """Another run holds this batch's journal: nothing was sent.
+
+    Two runs of one batch at once would each submit, and pay for, the jobs not yet sent.
+    """
+
+    def __init__(self, journal: str) -> None:
+        self.journal = journal
+        super().__init__(
+            f"another run is using the batch journal {journal}: wait for it to end, or give "
+            "this run another output directory (two runs of one batch at once would pay for "
+            "the same jobs twice)"
+        )
 
 
 # --- answers from the API ---------------------------------------------------------------

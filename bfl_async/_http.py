@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from ._catalog import SECRET_PARAMS
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -39,18 +41,20 @@ REGIONS: Mapping[str, str] = {
 }
 
 _API_HOST = re.compile(r"^api\.(?:[a-z0-9-]+\.)*bfl\.ai$")
-_SECRET_PARAMS = frozenset({"webhook_secret"})
 _LONG_STRING = 256
+_MAX_RETRY_DELAY = 30.0
 
 
 def is_api_host(url: httpx.URL, base_url: httpx.URL) -> bool:
-    """May the key be sent to `url`? Only to the configured host or BFL's `api.` hosts.
+    """May the key be sent to `url`? Only to the configured host (any port: a fake's regional
+    host is another port on loopback; never over plain http when the base uses https) or to
+    BFL's `api.` hosts over https.
 
     Delivery hosts (`delivery-eu1.bfl.ai`, blob storage) are under `bfl.ai` too, hence the
     explicit `api.` match.
     """
     if url.host == base_url.host:
-        return True
+        return url.scheme in (base_url.scheme, "https")
     return url.scheme == "https" and bool(_API_HOST.match(url.host))
 
 
@@ -58,7 +62,7 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
     """Parameters fit for errors and logs: secrets masked, inline images shortened."""
     clean: dict[str, Any] = {}
     for key, value in params.items():
-        if key in _SECRET_PARAMS and value is not None:
+        if key in SECRET_PARAMS and value is not None:
             clean[key] = "***"
         elif isinstance(value, str | bytes) and len(value) > _LONG_STRING:
             clean[key] = (
@@ -69,6 +73,15 @@ def redact(params: Mapping[str, Any]) -> dict[str, Any]:
         else:
             clean[key] = value
     return clean
+
+
+def retry_delay(base: float, failures: int, retry_after: float | None = None) -> float:
+    """Seconds before retry number `failures`: our own backoff from `base`, doubling, at
+    most 30 s; a server's `Retry-After` (429, 503) is obeyed in full. Plus up to 25 %."""
+    delay = min(_MAX_RETRY_DELAY, base * 2.0 ** min(failures - 1, 16))
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay * random.uniform(1.0, 1.25)
 
 
 def parse_retry_after(value: str | None) -> float | None:

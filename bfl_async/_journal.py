@@ -7,7 +7,9 @@ left behind: BFL has no idempotency key). WAL mode with full sync: a committed s
 a killed process and a power cut.
 
 Every call is a short transaction run in a worker thread, one at a time, so the event loop
-never waits on the disk; it works under asyncio and trio alike.
+never waits on the disk; it works under asyncio and trio alike. One run at a time: an open
+journal holds an OS lock on `.<journal>.lock` beside it (released when the process dies, so
+a crash leaves none behind), and a second run is refused rather than paying for the same jobs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any, Literal, TypeVar, get_args
 
 import anyio
 import anyio.to_thread
+from filelock import FileLock, Timeout
+
+from ._errors import BatchInUseError
 
 __all__ = ["JOURNAL_NAME", "JobRow", "JobState", "Journal"]
 
@@ -101,9 +106,10 @@ _UPDATABLE = frozenset(_COLUMNS) - {"key", "position", "name", "model", "estimat
 class Journal:
     """The SQLite journal of one batch; open it with `await Journal.open(path)`."""
 
-    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, connection: sqlite3.Connection, path: Path, owner: FileLock) -> None:
         self._db = connection
         self.path = path
+        self._owner = owner  # held while open: one run at a time
         self._lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(1)
 
@@ -118,15 +124,25 @@ class Journal:
     @classmethod
     def _open_sync(cls, path: Path) -> Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        # Released from whichever worker thread closes the journal, hence not thread-local.
+        owner = FileLock(path.with_name(f".{path.name}.lock"), thread_local=False)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute(_SCHEMA)
-        except sqlite3.Error:
-            db.close()
+            owner.acquire(timeout=0)
+        except Timeout:
+            raise BatchInUseError(str(path)) from None
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute(_SCHEMA)
+            except sqlite3.Error:
+                db.close()
+                raise
+        except BaseException:
+            owner.release()
             raise
-        return cls(db, path)
+        return cls(db, path, owner)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         # Shielded: `to_thread.run_sync` is cancellable while it waits for a worker (or the
@@ -188,8 +204,14 @@ class Journal:
         return _Transaction(self._db)
 
     async def aclose(self) -> None:
-        """Close the database (every step is already committed)."""
-        await self._run(self._db.close)
+        """Close the database (every step is already committed) and let the next run in."""
+        await self._run(self._close)
+
+    def _close(self) -> None:
+        try:
+            self._db.close()
+        finally:
+            self._owner.release()
 
 
 class _Transaction:

@@ -376,8 +376,10 @@ class PollBudget:
                 self._waiting.remove(turn)
             if self._leader is turn:
                 self._leader = None
-                if self._waiting:
-                    self._waiting[0].wake()
+            # Also when this poll was woken to lead and cancelled before it could: the lead
+            # passes on, or the polls behind it would wait for a poll that never comes.
+            if self._leader is None and self._waiting:
+                self._waiting[0].wake()
         if turn.error is not None:
             raise turn.error
 
@@ -394,6 +396,7 @@ class _Turn:
     def rate(self) -> float:
         if self.urgency is None:
             return 0.0
+        self.error = None  # asked again: only what this answer raises counts
         try:
             return self.urgency()
         except Exception as exc:

@@ -29,6 +29,7 @@ from ._http import (
     float_or_none,
     int_or_none,
     parse_retry_after,
+    retry_delay,
 )
 from ._limits import PollBudget
 from ._models import Result, Task
@@ -38,7 +39,7 @@ __all__ = ["Backoff", "PollSchedule", "watch_task"]
 logger = logging.getLogger("bfl_async")
 
 TERMINAL = frozenset({"Ready", "Request Moderated", "Content Moderated", "Error", "Task not found"})
-_MAX_RETRY_DELAY = 30.0
+_EMPTY_READY = 3  # Ready answers without a result URL taken as glitches before giving up
 _CLOCK_SLACK = 0.5  # seconds the API's reported end may fall outside the polls' bracket
 
 
@@ -131,11 +132,9 @@ class Backoff:
         """Plain backoff learns nothing."""
 
 
-def _retry_delay(base: float, failures: int, retry_after: float | None = None) -> float:
-    delay = min(_MAX_RETRY_DELAY, base * 2.0 ** min(failures - 1, 16))
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, _MAX_RETRY_DELAY))
-    return delay * random.uniform(1.0, 1.25)
+def _has_sample(body: Mapping[str, Any]) -> bool:
+    result = body.get("result")
+    return isinstance(result, dict) and isinstance(result.get("sample"), str)
 
 
 def _terminal(task: Task, body: Mapping[str, Any], polls: int) -> Result:
@@ -147,8 +146,8 @@ def _terminal(task: Task, body: Mapping[str, Any], polls: int) -> Result:
         sample = result.get("sample") if isinstance(result, dict) else None
         if not isinstance(result, dict) or not isinstance(sample, str):
             raise GenerationError(
-                f"task {task.id} is Ready but its answer has no result URL; "
-                "BFL sent a malformed answer. Poll again later with client.wait(task)",
+                f"task {task.id} is Ready but BFL's answers carry no result URL, so its image "
+                "cannot be fetched; the task is paid for: report its id to BFL",
                 task=task,
             )
         return Result(
@@ -225,6 +224,7 @@ async def watch_task(
     pending_at = 0.0  # seconds after acceptance of the last poll that found it pending
     ready_by: float | None = None
     progress: float | None = None
+    empty_ready = 0
     warned: set[str] = set()
     now = anyio.current_time()
     at = now + schedule.next_delay(task, 0, now - accepted_at, None)
@@ -243,14 +243,14 @@ async def watch_task(
             except httpx.HTTPError as exc:  # transport failures, an undecodable answer...
                 failures += 1
                 logger.debug("poll of task %s failed (%s); retrying", task.id, type(exc).__name__)
-                at = anyio.current_time() + _retry_delay(retry_base_delay, failures)
+                at = anyio.current_time() + retry_delay(retry_base_delay, failures)
                 continue
             code = response.status_code
             if code in (429, 503) or code >= 500:
                 failures += 1
                 logger.debug("poll of task %s answered %d; retrying", task.id, code)
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
-                at = anyio.current_time() + _retry_delay(retry_base_delay, failures, retry_after)
+                at = anyio.current_time() + retry_delay(retry_base_delay, failures, retry_after)
                 continue
             if code == 404:
                 raise TaskNotFoundError(
@@ -264,7 +264,13 @@ async def watch_task(
             if not isinstance(body, dict) or not isinstance(status, str):
                 failures += 1
                 logger.warning("poll of task %s: malformed answer; retrying", task.id)
-                at = anyio.current_time() + _retry_delay(retry_base_delay, failures)
+                at = anyio.current_time() + retry_delay(retry_base_delay, failures)
+                continue
+            if status == "Ready" and not _has_sample(body) and empty_ready < _EMPTY_READY:
+                empty_ready += 1
+                failures += 1
+                logger.warning("task %s is Ready without a result URL; asking again", task.id)
+                at = anyio.current_time() + retry_delay(retry_base_delay, failures)
                 continue
             failures = 0
             if status in TERMINAL:

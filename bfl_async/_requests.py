@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from ._catalog import (
+    SECRET_PARAMS,
     AspectRatioRule,
     DimensionRule,
     ModelSpec,
@@ -310,6 +311,8 @@ def _to_problem(spec: ModelSpec, error: ErrorDetails) -> Problem:
     name = str(loc[0]) if loc else "parameters"
     kind = error["type"]
     value = error["input"]
+    # A secret's value is never shown, even when it is of the wrong type.
+    shown = "***" if name in SECRET_PARAMS else _show(value)
     ctx = error.get("ctx") or {}
     param = spec.all_params().get(name)
     if kind == "extra_forbidden" or param is None:
@@ -318,21 +321,21 @@ def _to_problem(spec: ModelSpec, error: ErrorDetails) -> Problem:
     if kind == "missing":
         return Problem(name, "is required but missing", allowed)
     if kind.endswith("_type"):
-        got = f"{type(value).__name__} {_show(value)}"
+        got = f"{type(value).__name__} {shown}"
         return Problem(name, f"expected {_NOUNS[param.kind]}, got {got}", allowed)
     if kind in ("greater_than_equal", "greater_than"):
         bound = ctx.get("ge", ctx.get("gt"))
-        return Problem(name, f"{_show(value)} is below the minimum {_number(bound)}", allowed)
+        return Problem(name, f"{shown} is below the minimum {_number(bound)}", allowed)
     if kind in ("less_than_equal", "less_than"):
         bound = ctx.get("le", ctx.get("lt"))
-        return Problem(name, f"{_show(value)} is above the maximum {_number(bound)}", allowed)
+        return Problem(name, f"{shown} is above the maximum {_number(bound)}", allowed)
     if kind == "multiple_of":
         step = _number(ctx.get("multiple_of"))
-        return Problem(name, f"{_show(value)} is not a multiple of {step}", allowed)
+        return Problem(name, f"{shown} is not a multiple of {step}", allowed)
     if kind == "literal_error":
-        return Problem(name, f"{_show(value)} is not allowed", allowed)
+        return Problem(name, f"{shown} is not allowed", allowed)
     if kind == "finite_number":
-        return Problem(name, f"{_show(value)} is not a finite number", allowed)
+        return Problem(name, f"{shown} is not a finite number", allowed)
     return Problem(name, error["msg"], allowed)
 
 

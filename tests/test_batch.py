@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from bfl_async import (
     AsyncBFL,
     Backoff,
     Batch,
+    BatchInUseError,
     BudgetExceededError,
     JobRecord,
     ParameterError,
@@ -606,3 +608,45 @@ async def test_a_batch_syncs_each_image_before_journaling_it(
     batch = await run(fake, tmp_path, jobs(2))
     assert batch.counts() == {"downloaded": 2}
     assert len(synced) == 4 and "downloaded" not in synced[:2]
+
+
+@BOTH
+async def test_a_second_run_of_a_batch_in_progress_is_refused_and_pays_nothing(
+    tmp_path: Path,
+) -> None:
+    fake = FakeBFL(generation_time=0.05)
+    async with client_for(fake) as client, client.batch(jobs(4), tmp_path) as first:
+        with pytest.raises(BatchInUseError) as info:
+            async with client.batch(jobs(4), tmp_path):
+                pass
+        assert info.value.journal == str(tmp_path / Batch.journal_name)
+        async for _ in first:
+            pass
+    assert first.counts() == {"downloaded": 4}
+    assert fake.submits == 4  # not 8: the second run sent nothing
+    assert (await run(fake, tmp_path, jobs(4))).counts() == {"downloaded": 4}  # then resumes
+    assert fake.submits == 4
+
+
+async def test_a_journal_held_by_another_process_is_refused_until_it_dies(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / Batch.journal_name
+    code = (
+        "import anyio, sys, pathlib\n"
+        "from bfl_async._journal import Journal\n"
+        "async def main():\n"
+        "    journal = await Journal.open(pathlib.Path(sys.argv[1]))\n"
+        "    print('open', flush=True)\n"
+        "    await anyio.sleep(60)\n"
+        "anyio.run(main)\n"
+    )
+    async with await anyio.open_process([sys.executable, "-c", code, str(path)]) as holder:
+        assert holder.stdout is not None
+        assert await holder.stdout.receive() == b"open\n"
+        with pytest.raises(BatchInUseError):
+            await Journal.open(path)
+        holder.kill()  # a crash: the lock goes with the process
+        await holder.wait()
+    journal = await Journal.open(path)
+    await journal.aclose()

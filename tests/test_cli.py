@@ -211,7 +211,7 @@ def test_batch_on_the_fake_saves_one_image_per_job_and_a_manifest(tmp_path: Path
     assert rows[1]["name"] is None and rows[1]["path"] == str(out / f"{rows[1]['task_id']}.png")
     assert rows[1]["seed"] == 7
     assert [row["cost"] for row in rows] == [3.0, 1.4, 4.0]
-    bookkeeping = {"results.jsonl", "manifest.json", "bfl-batch.sqlite"}
+    bookkeeping = {"results.jsonl", "manifest.json", "bfl-batch.sqlite", ".bfl-batch.sqlite.lock"}
     assert sorted(p.name for p in out.iterdir() if p.name not in bookkeeping) == sorted(
         Path(row["path"]).name for row in rows
     )

@@ -36,6 +36,7 @@ from bfl_async import (
     UnknownModelError,
     WaitTimeoutError,
 )
+from bfl_async.testing import FakeBFL
 
 from .helpers import (
     API,
@@ -239,13 +240,18 @@ async def test_poll_errors_that_polling_cannot_fix_end_the_watch(
     assert client.limiter.in_use() == 0
 
 
-async def test_ready_without_sample_is_a_typed_error(
+async def test_ready_without_sample_is_asked_again_then_a_typed_error(
     client: AsyncBFL, mock: respx.MockRouter
 ) -> None:
-    route_task(mock, poll_answer("Ready", result={"seed": 1}))
+    empty = poll_answer("Ready", result={"seed": 1})
+    _, poll, _ = route_task(mock, empty, ready())  # a glitch: the next answer has the URL
+    assert (await client.wait(await client.submit("flux-2-pro", prompt="x"))).seed == 42
+    assert poll.call_count == 2
+    _, poll, _ = route_task(mock, *[empty] * 4, task_id="task-2")
     task = await client.submit("flux-2-pro", prompt="x")
-    with pytest.raises(GenerationError, match="no result URL"):
+    with pytest.raises(GenerationError, match="no result URL") as caught:
         await client.wait(task)
+    assert poll.call_count == 4 and "wait(" not in str(caught.value)  # no advice that fails
 
 
 async def test_flux1_progress_and_result_fields(client: AsyncBFL, mock: respx.MockRouter) -> None:
@@ -412,6 +418,27 @@ async def test_rate_limit_retries_are_bounded(mock: respx.MockRouter) -> None:
     assert mock.calls.call_count == 3
 
 
+@pytest.mark.parametrize("code", [429, 503])
+async def test_a_long_retry_after_is_obeyed_in_full(
+    client: AsyncBFL, mock: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    waits: list[float] = []
+    sleep = anyio.sleep
+
+    async def planned(delay: float) -> None:  # notes the wait and skips it
+        waits.append(delay)
+        await sleep(0)
+
+    monkeypatch.setattr(anyio, "sleep", planned)
+    later = httpx.Response(code, json={"detail": "busy"}, headers={"Retry-After": "120"})
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=[later, accepted()])
+    mock.get(polling_url("task-1")).mock(side_effect=[later, ready()])
+    await client.wait(await client.submit("flux-2-pro", prompt="x"))
+    assert len([w for w in waits if 120 <= w <= 150]) == 2  # the submit's, then the poll's
+    # A 429 says the account is at its limit, and lowers ours; a 503 only that BFL is busy.
+    assert (client.limiter.limit() < 24) is (code == 429)
+
+
 async def test_unreachable_api_raises_after_bounded_retries(mock: respx.MockRouter) -> None:
     mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=httpx.ConnectError("down"))
     async with AsyncBFL(**{**FAST, "submit_retries": 1}) as client:
@@ -467,13 +494,19 @@ async def test_delivery_redirects_are_followed_without_the_key(
     assert "x-key" not in blob.calls.last.request.headers
 
 
+@pytest.mark.parametrize(
+    "polling_url",
+    [
+        "https://delivery-eu1.bfl.ai/v1/get_result?id=t",
+        "http://api.bfl.ai/v1/get_result?id=t",  # the key in clear text
+        "http://api.bfl.ai:8080/v1/get_result?id=t",
+    ],
+)
 async def test_key_is_never_sent_to_a_polling_url_off_the_api_hosts(
-    client: AsyncBFL, mock: respx.MockRouter
+    client: AsyncBFL, mock: respx.MockRouter, polling_url: str
 ) -> None:
     mock.post(f"{API}/v1/flux-2-pro").mock(
-        return_value=httpx.Response(
-            200, json={"id": "t", "polling_url": "https://delivery-eu1.bfl.ai/v1/get_result?id=t"}
-        )
+        return_value=httpx.Response(200, json={"id": "t", "polling_url": polling_url})
     )
     task = await client.submit("flux-2-pro", prompt="x")
     with pytest.raises(APIConnectionError, match="refusing to send the API key"):
@@ -488,6 +521,8 @@ async def test_key_is_never_sent_to_a_polling_url_off_the_api_hosts(
         ("https://api.eu2.bfl.ai/v1/get_result?id=1", True),
         ("https://api.us1.cluster.bfl.ai/v1/x", True),
         ("https://api.bfl.ai:8443/v1/x", True),
+        ("http://api.bfl.ai/v1/x", False),
+        ("http://api.bfl.ai:8080/v1/x", False),
         ("http://api.eu2.bfl.ai/v1/x", False),
         ("https://delivery-eu1.bfl.ai/x", False),
         ("https://bfldeliveryprodeu4.blob.core.windows.net/x", False),
@@ -507,7 +542,41 @@ def test_configured_host_gets_the_key_on_any_port() -> None:
 
     base = httpx.URL("http://127.0.0.1:8000")
     assert is_api_host(httpx.URL("http://127.0.0.1:9001/v1/get_result"), base)
+    assert is_api_host(httpx.URL("https://127.0.0.1:9001/v1/get_result"), base)
     assert not is_api_host(httpx.URL("http://127.0.0.2:9001/results/x"), base)
+    proxy = httpx.URL("https://bfl-proxy.example")
+    assert is_api_host(httpx.URL("https://bfl-proxy.example:8443/v1/get_result"), proxy)
+    assert not is_api_host(httpx.URL("http://bfl-proxy.example/v1/get_result"), proxy)
+
+
+# --- the async with block ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_an_error_leaves_async_with_as_it_was_raised() -> None:
+    fake = FakeBFL()
+    options = {**FAST, "api_key": fake.api_key, "http_client": fake.client()}
+    with pytest.raises(ParameterError):  # not an ExceptionGroup: `except BFLError` works
+        async with AsyncBFL(**options) as client:
+            await client.generate("flux-2-pro", prompt="x", width=1000)
+    with pytest.raises(KeyError):
+        async with AsyncBFL(**options):
+            raise KeyError("the caller's own")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_closing_the_client_stops_its_watches_not_the_callers_block() -> None:
+    fake = FakeBFL(generation_time=3600.0)
+    options = {**FAST, "api_key": fake.api_key, "http_client": fake.client()}
+    reached: list[str] = []
+    async with AsyncBFL(**{**options, "close_grace": 0.0}) as client:
+        await client.submit("flux-2-pro", prompt="x")
+        await client.aclose()  # from the block itself, or a shutdown handler elsewhere
+        reached.append("closed")
+        await anyio.sleep(0.01)
+        reached.append("went on")
+        assert client.in_flight == []  # the watch stopped (its task is logged to resume)
+    assert reached == ["closed", "went on"]
 
 
 # --- configuration -------------------------------------------------------------------------
@@ -517,6 +586,26 @@ def test_missing_key_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("BFL_API_KEY", raising=False)
     with pytest.raises(MissingAPIKeyError, match="BFL_API_KEY"):
         AsyncBFL()
+    with pytest.raises(MissingAPIKeyError):
+        AsyncBFL(api_key=" \n")
+
+
+async def test_a_key_read_from_a_file_loses_its_newline(
+    client: AsyncBFL, mock: respx.MockRouter
+) -> None:
+    route = mock.get(f"{API}/v1/credits").mock(
+        return_value=httpx.Response(200, json={"credits": 1.0})
+    )
+    async with AsyncBFL(**{**FAST, "api_key": f"{KEY}\r\n"}) as own:
+        await own.credits()
+    assert route.calls.last.request.headers["x-key"] == KEY
+
+
+@pytest.mark.parametrize("key", [f"{KEY}\u00a0x", f"{KEY[:4]}\n{KEY[4:]}", f"{KEY} x"])
+def test_a_key_no_header_can_carry_is_refused_without_showing_it(key: str) -> None:
+    with pytest.raises(ValueError, match="API key has a character") as info:
+        AsyncBFL(api_key=key)
+    assert "SECRET" not in str(info.value) and "SECRET" not in repr(info.value)
 
 
 def test_key_from_environment_and_regions(monkeypatch: pytest.MonkeyPatch) -> None:

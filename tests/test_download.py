@@ -35,7 +35,7 @@ def mock() -> AsyncIterator[respx.MockRouter]:
 @pytest.fixture
 async def downloader() -> AsyncIterator[Downloader]:
     async with httpx.AsyncClient() as client:
-        yield Downloader(client, attempts=3)
+        yield Downloader(client, attempts=3, retry_base_delay=0.001)
 
 
 class _BreaksAfterFirstChunk(httpx.AsyncByteStream):
@@ -254,6 +254,79 @@ async def test_durable_downloads_sync_the_file_and_its_directory(
     if durable:  # the bytes before the file is placed, the directory after
         assert [placed for _, placed in synced] == [False, True]
         if os.path.exists("/proc/self/fd"):
-            assert [name for name, _ in synced] == ["a.part", tmp_path.name]
+            [(part, _), (directory, _)] = synced
+            assert part.startswith("a.") and part.endswith(".part")
+            assert directory == tmp_path.name
     else:
         assert synced == []
+
+
+class _Trickle(httpx.AsyncByteStream):
+    """An image arriving in small pieces, each after a pause: downloads overlap."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self.data), 16 * 1024):
+            await anyio.sleep(0.001)
+            yield self.data[start : start + 16 * 1024]
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+async def test_two_downloads_to_one_name_never_mix(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path, overwrite: bool
+) -> None:
+    images = {tag: PNG[:8] + tag * (256 * 1024) for tag in (b"A", b"B")}
+    for tag, data in images.items():
+        mock.get(f"{DELIVERY}/{tag.decode()}").mock(
+            return_value=httpx.Response(
+                200, stream=_Trickle(data), headers={"content-length": str(len(data))}
+            )
+        )
+    outcomes: list[Path | OutputExistsError] = []
+
+    async def save(tag: str) -> None:
+        result = result_for(signed_url(path=f"{DELIVERY}/{tag}"))
+        try:
+            outcomes.append(
+                await downloader.to_directory(result, tmp_path, "hero", overwrite=overwrite)
+            )
+        except OutputExistsError as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(save, "A")
+        tg.start_soon(save, "B")
+    assert (tmp_path / "hero.png").read_bytes() in images.values()  # one whole image
+    errors = [o for o in outcomes if isinstance(o, OutputExistsError)]
+    if overwrite:
+        assert not errors
+    else:  # the other is paid for, and kept whole
+        [error] = errors
+        assert Path(error.kept or "").read_bytes() in images.values()
+
+
+async def test_a_busy_delivery_host_is_given_the_time_it_asks_for(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list[float] = []
+    sleep = anyio.sleep
+
+    async def planned(delay: float) -> None:  # notes the wait and skips it
+        waits.append(delay)
+        await sleep(0)
+
+    monkeypatch.setattr(anyio, "sleep", planned)
+    busy = httpx.Response(503, headers={"Retry-After": "2"})
+    mock.get(DELIVERY).mock(side_effect=[busy, httpx.Response(500), image()])
+    path = await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+    assert path.read_bytes() == PNG
+    assert 2.0 <= waits[0] <= 2.5 and 0.0 < waits[1] < 0.01  # as asked; then a short backoff
+    # Never past the URL's expiry: the attempt after it could only learn that it expired.
+    waits.clear()
+    mock.get(DELIVERY).mock(
+        side_effect=[httpx.Response(429, headers={"Retry-After": "900"}), image()]
+    )
+    await downloader.to_directory(result_for(signed_url(60)), tmp_path, "b", overwrite=False)
+    assert 55 <= waits[0] <= 60

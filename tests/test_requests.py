@@ -527,3 +527,13 @@ def test_public_estimate_cost_validates_like_a_submit() -> None:
     assert MODELS["flux-kontext-max"].pool == "kontext-max"
     with pytest.raises(ParameterError, match="width"):
         estimate_cost("flux-2-pro", prompt="x", width=1000)
+
+
+@pytest.mark.parametrize("secret", [b"whsec-TOPSECRET-0123456789", 1234567890123])
+def test_a_webhook_secret_of_the_wrong_type_is_named_not_shown(secret: Any) -> None:
+    with pytest.raises(ParameterError) as info:
+        build_request("flux-2-pro", {"prompt": "x", "webhook_secret": secret})
+    message = str(info.value)
+    assert "webhook_secret" in message and type(secret).__name__ in message
+    assert "TOPSECRET" not in message and "1234567890123" not in message
+    assert "TOPSECRET" not in repr(info.value.problems)

@@ -495,6 +495,33 @@ async def test_an_urgency_that_raises_fails_its_own_poll_only() -> None:
     assert left[1][1] - left[0][1] < 0.15
 
 
+async def test_an_urgency_that_raised_once_is_asked_afresh_at_the_next_turn() -> None:
+    budget = PollBudget(10.0)
+    answers: list[float | None] = [None, 0.5]  # None: raise
+
+    def flaky() -> float:
+        answer = answers.pop(0)
+        if answer is None:
+            raise ZeroDivisionError("once")
+        return answer
+
+    left: list[str] = []
+
+    async def poll(name: str, urgency: Callable[[], float]) -> None:
+        await budget.send(urgency)
+        left.append(name)
+
+    await budget.send()
+    with anyio.fail_after(1.0):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poll, "leader", lambda: 0.0)
+            await anyio.sleep(0.005)
+            tg.start_soon(poll, "first", lambda: math.inf)  # goes before the failed one
+            await anyio.sleep(0.005)
+            tg.start_soon(poll, "flaky", flaky)
+    assert left == ["first", "flaky", "leader"]  # not failed by what it raised before
+
+
 async def test_a_cancelled_poll_gives_up_its_turn() -> None:
     budget = PollBudget(10.0)  # 0.102 s apart
     left: list[str] = []
@@ -514,6 +541,35 @@ async def test_a_cancelled_poll_gives_up_its_turn() -> None:
             doomed.cancel_scope.cancel()
     assert left == ["next"]
     assert anyio.current_time() - started < 0.3  # at its turn, not stuck behind the cancelled
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_poll_cancelled_as_it_is_handed_the_lead_passes_it_on() -> None:
+    budget = PollBudget(20.0)
+    await budget.send()  # the free turn: the next ones queue
+    doomed = anyio.CancelScope()
+    left: list[str] = []
+
+    def leader_urgency() -> float:
+        doomed.cancel()  # as the leader takes its turn and hands the lead to the next in line
+        return 1.0
+
+    async def poll(name: str, urgency: Callable[[], float]) -> None:
+        await budget.send(urgency)
+        left.append(name)
+
+    async def cancelled() -> None:
+        with doomed:
+            await poll("doomed", lambda: 0.0)
+
+    with anyio.fail_after(1.0):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poll, "leader", leader_urgency)
+            await anyio.sleep(0.001)
+            tg.start_soon(cancelled)
+            await anyio.sleep(0.001)
+            tg.start_soon(poll, "last", lambda: 0.0)
+    assert left == ["leader", "last"]
 
 
 async def test_budget_send_is_immediate_when_free() -> None:

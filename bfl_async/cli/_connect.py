@@ -106,14 +106,6 @@ async def with_client(
     *,
     on_submitted: OnSubmitted | None = None,
 ) -> T:
-    """Run `action(client)` and return its value, or raise its exception as it was.
-
-    The exception is re-raised outside the client, so its task group does not wrap it
-    in an ExceptionGroup.
-    """
+    """Run `action(client)` and return its value, or raise its exception as it was."""
     async with open_client(connection, on_submitted=on_submitted) as client:
-        try:
-            return await action(client)
-        except Exception as exc:
-            error = exc
-    raise error
+        return await action(client)
