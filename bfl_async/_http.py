@@ -133,12 +133,29 @@ def body_of(response: httpx.Response) -> Any:
         return response.text[:2000]
 
 
+def _summary(detail: Any) -> str:
+    """A detail for a message: FastAPI's validation list as `field: msg` items, without the
+    `input` each echoes (a secret, or megabytes of base64 image); the full list stays on
+    the error."""
+    if not isinstance(detail, list):
+        return str(detail)
+    items = []
+    for item in detail:
+        if isinstance(item, dict):
+            loc = item.get("loc")
+            field = ".".join(str(p) for p in loc[1:]) if isinstance(loc, list) else ""
+            items.append(f"{field}: {item.get('msg')}" if field else str(item.get("msg")))
+        else:
+            items.append(str(item))
+    return "; ".join(items)
+
+
 def error_from_response(response: httpx.Response, what: str) -> APIError:
     """The typed error for an HTTP error answer to `what` ("submit to 'flux-2-pro'"...)."""
     status = response.status_code
     body = body_of(response)
     detail = body.get("detail") if isinstance(body, dict) else None
-    said = f": {detail}" if detail else ""
+    said = f": {_summary(detail)}" if detail else ""
     if status in (401, 403):
         return AuthenticationError(
             f"{what} was refused ({status}){said}. Check BFL_API_KEY or the api_key "

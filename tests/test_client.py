@@ -343,11 +343,17 @@ async def test_submit_refusals_are_typed_and_never_retried(
 
 
 async def test_422_carries_the_server_detail_list(client: AsyncBFL, mock: respx.MockRouter) -> None:
-    detail = [{"loc": ["body", "width"], "msg": "too big", "type": "value"}]
+    detail = [
+        {"loc": ["body", "width"], "msg": "too big", "type": "value", "input": 99999},
+        {"loc": ["body", "webhook_secret"], "msg": "too long", "input": "hush-SECRET"},
+    ]
     mock.post(f"{API}/v1/flux-2-pro").mock(return_value=error_answer(422, detail))
     with pytest.raises(InvalidRequestError) as caught:
         await client.submit("flux-2-pro", prompt="x")
     assert caught.value.errors == detail
+    # The message names the fields, without the inputs the server echoes.
+    assert "width: too big; webhook_secret: too long" in str(caught.value)
+    assert "SECRET" not in str(caught.value) and "99999" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
