@@ -332,12 +332,16 @@ def _write_block(
     if file is None:
         part.parent.mkdir(parents=True, exist_ok=True)
         file = part.open("wb")
-    file.write(data)
-    if not last:
-        return file
-    if durable:  # the bytes are on disk before the file is placed
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        file.write(data)
+        if not last:
+            return file
+        if durable:  # the bytes are on disk before the file is placed
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        file.close()  # the caller never gets it back to close (a full disk, say)
+        raise
     file.close()
     return None
 

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -14,7 +15,7 @@ import pytest
 import respx
 
 from bfl_async import DownloadError, DownloadRefusedError, OutputExistsError, Result, Task
-from bfl_async._download import Downloader, image_suffix, url_expiry
+from bfl_async._download import Downloader, _write_block, image_suffix, url_expiry
 
 from .helpers import DELIVERY, PNG, image, signed_url
 
@@ -330,3 +331,17 @@ async def test_a_busy_delivery_host_is_given_the_time_it_asks_for(
     )
     await downloader.to_directory(result_for(signed_url(60)), tmp_path, "b", overwrite=False)
     assert 55 <= waits[0] <= 60
+
+
+def test_a_block_that_cannot_be_written_closes_the_file_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Full(io.BytesIO):
+        def write(self, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+    full = Full()
+    monkeypatch.setattr(Path, "open", lambda self, mode="r": full)
+    with pytest.raises(OSError, match="No space"):
+        _write_block(tmp_path / "a.part", None, bytearray(b"x"), False, False)
+    assert full.closed  # or its handle leaks, and on Windows the part file cannot be removed
