@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from bfl_async import (
     AsyncBFL,
@@ -643,7 +644,8 @@ async def test_a_journal_held_by_another_process_is_refused_until_it_dies(
     )
     async with await anyio.open_process([sys.executable, "-c", code, str(path)]) as holder:
         assert holder.stdout is not None
-        assert await holder.stdout.receive() == b"open\n"
+        said = BufferedByteReceiveStream(holder.stdout)
+        assert await said.receive_until(b"\n", 100) == b"open"
         with pytest.raises(BatchInUseError):
             await Journal.open(path)
         holder.kill()  # a crash: the lock goes with the process
