@@ -823,7 +823,10 @@ class AsyncBFL:
         """Submit, wait and download one image; return where it is and how it was made.
 
         Everything that can be checked is checked before paying: the parameters, the name,
-        and (with `name`) that the output file does not exist yet.
+        and (with `name`) that the output file does not exist yet. `timeout` bounds the wait
+        for the accepted task (default: the client's `wait_timeout`), not the time queued
+        for a slot before it is sent; to bound the whole call, cancel it (`anyio.fail_after`):
+        a call cancelled before its submit went out has paid nothing.
 
         ```python
         image = await client.generate("flux-2-pro", prompt="a red fox", output_dir="out/")
