@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
 
@@ -50,15 +50,22 @@ _STOP = "STOP"  # the writer's last op
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password (if any) replaced by `***`, for messages and reprs."""
+    """`url` with its password (if any, before the host or as `?password=`, both of which
+    redis-py reads) replaced by `***`, for messages and reprs."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")  # the host as written: [::1]:6379
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key == "password" for key, _ in pairs):
+        hidden = [(key, "***" if key == "password" else value) for key, value in pairs]
+        query = urlencode(hidden, safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    # Put together as written (urlunsplit would turn unix:///path into unix:/path).
+    shown = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    return shown + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 @dataclass(eq=False)
@@ -174,6 +181,7 @@ class RedisLimiter:
         self._poll_script: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._users = 0
+        self._starting = asyncio.Lock()  # a second user waits for the first one's connect
         self._down = False
         self._closing = False
         self.lost_leases = 0
@@ -198,9 +206,12 @@ class RedisLimiter:
                 "RedisLimiter runs on asyncio only (redis.asyncio); under trio, use the "
                 "in-process Limiter"
             ) from None
-        self._users += 1
-        if self._users > 1:
-            return
+        async with self._starting:
+            if self._users == 0:
+                await self._connect()
+            self._users += 1
+
+    async def _connect(self) -> None:
         pool = aioredis.BlockingConnectionPool.from_url(
             self._url,
             max_connections=_CONNECTIONS,
@@ -213,7 +224,6 @@ class RedisLimiter:
         try:
             await client.ping()
         except (RedisError, OSError) as exc:
-            self._users -= 1
             await client.aclose()
             raise LimiterUnavailableError(
                 f"cannot reach the Redis limiter at {self.url} ({_reason(exc)}); check that "

@@ -301,6 +301,37 @@ async def test_redis_unreachable_at_start_is_a_typed_error_without_the_password(
         RedisLimiter("http://:hunter2pw@x")
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+        ("redis://app:pw@h:1/0?password=pw&db=1", "redis://app:***@h:1/0?password=***&db=1"),
+        ("unix:///run/redis.sock?db=0&password=pw", "unix:///run/redis.sock?db=0&password=***"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_the_password_is_hidden_wherever_redis_reads_it(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert redact_url(url) in repr(RedisLimiter(url))
+
+
+async def test_two_clients_entered_together_share_one_connected_limiter(
+    redis: RedisServer,
+) -> None:
+    limiter = RedisLimiter(redis.url, namespace="t")
+    fake = FakeBFL(api_key=KEY, generation_time=0.01)
+
+    async def use() -> None:
+        options = {"api_key": KEY, "http_client": fake.client(), "poll_schedule": FAST_POLLS}
+        async with AsyncBFL(limiter=limiter, **options) as client:  # the second one waits
+            await client.wait(await client.submit("flux-2-pro", prompt="x"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(use)
+        tg.start_soon(use)
+    assert fake.submits == 2
+
+
 async def test_bfl_limiter_url_selects_the_redis_limiter(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
