@@ -27,7 +27,14 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from bfl_async import BFLError, ModerationError, ParameterError, Task
+from bfl_async import (
+    BFLError,
+    LimiterUnavailableError,
+    ModerationError,
+    ParameterError,
+    Task,
+    WaitTimeoutError,
+)
 from bfl_async.fastapi import BFLClient, bfl_lifespan, webhook_router
 
 WEBHOOK_PATH = "/bfl/webhook"
@@ -90,6 +97,10 @@ def create_app(
             )
         except (ParameterError, ModerationError) as exc:
             raise HTTPException(422, failed(exc)) from None
+        except WaitTimeoutError as exc:  # BFL is slow: the answer names the task, still paid
+            raise HTTPException(504, failed(exc)) from None
+        except LimiterUnavailableError as exc:  # nothing was sent
+            raise HTTPException(503, failed(exc)) from None
         except BFLError as exc:
             raise HTTPException(502, failed(exc)) from None
         return finished(request, image.task_id, image.path, image.seed)
