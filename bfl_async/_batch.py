@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import anyio.to_thread
+import httpx
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ._catalog import SECRET_PARAMS, ModelSpec, price
@@ -32,6 +34,7 @@ from ._download import IMAGE_SUFFIXES, url_expiry
 from ._errors import (
     APIConnectionError,
     APIError,
+    BatchInUseError,
     BFLError,
     BudgetExceededError,
     GenerationError,
@@ -263,6 +266,10 @@ class Batch:
     async def __aenter__(self) -> Batch:
         self._journal = await Journal.open(self.journal_path)
         try:
+            here = str(self._client.base_url)
+            recorded = await self._journal.api(here)
+            if _is_local(recorded) != _is_local(here):
+                raise BatchInUseError(str(self.journal_path), api=recorded)
             await self._plan()
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -580,6 +587,8 @@ class Batch:
         job.attempts += 1
         assert self._journal is not None
         await self._journal.update(job.key, state="submitting", attempts=job.attempts)
+        if self._stopping:  # stopped while that was written (no checkpoint comes before the
+            raise _Stopped  # POST to cancel it): nothing goes out, the job stays `queued`
         job.posting = True
 
     def _unreserve(self, job: _Job) -> None:
@@ -702,6 +711,17 @@ class Batch:
         text = json.dumps(self.manifest(), indent=2, ensure_ascii=False) + "\n"
         await anyio.to_thread.run_sync(_write_atomic, self.manifest_path, text)
         return self.manifest_path
+
+
+def _is_local(base_url: str) -> bool:
+    """An API on this machine (a fake, most likely), whose tasks and images are not BFL's."""
+    host = httpx.URL(base_url).host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _cost(value: float | None, estimate: float) -> float:

@@ -144,18 +144,30 @@ class BudgetExceededError(BFLError):
 
 
 class BatchInUseError(BFLError):
-    """Another run holds this batch's journal: nothing was sent.
+    """This batch's journal is not this run's to use: nothing was sent.
 
-    Two runs of one batch at once would each submit, and pay for, the jobs not yet sent.
+    Another run holds it (two runs of one batch at once would each pay for the jobs not yet
+    sent), or its tasks belong to another API: a local fake's, where this run uses BFL's,
+    or the other way round (its placeholder images would pass for paid ones).
     """
 
-    def __init__(self, journal: str) -> None:
+    def __init__(self, journal: str, *, api: str | None = None) -> None:
         self.journal = journal
-        super().__init__(
-            f"another run is using the batch journal {journal}: wait for it to end, or give "
-            "this run another output directory (two runs of one batch at once would pay for "
-            "the same jobs twice)"
-        )
+        self.api = api
+        """For a journal of another API, that API's base URL."""
+        if api is None:
+            message = (
+                f"another run is using the batch journal {journal}: wait for it to end, or "
+                "give this run another output directory (two runs of one batch at once "
+                "would pay for the same jobs twice)"
+            )
+        else:
+            message = (
+                f"the batch journal {journal} belongs to a run against {api}, another API "
+                "than this one (a local fake and BFL's): give this run another output "
+                "directory"
+            )
+        super().__init__(message)
 
 
 # --- answers from the API ---------------------------------------------------------------

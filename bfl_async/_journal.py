@@ -74,6 +74,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+
+
 @dataclass(frozen=True)
 class JobRow:
     """One job as the journal holds it."""
@@ -136,6 +139,7 @@ class Journal:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
                 db.execute(_SCHEMA)
+                db.execute(_META)
             except sqlite3.Error:
                 db.close()
                 raise
@@ -156,6 +160,16 @@ class Journal:
     def _locked(self, function: Callable[..., T], *args: Any) -> T:
         with self._lock:
             return function(*args)
+
+    async def api(self, base_url: str) -> str:
+        """The API the journal's tasks belong to: `base_url`, if this is its first run."""
+        return await self._run(self._api, base_url)
+
+    def _api(self, base_url: str) -> str:
+        with self._transaction():
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('api', ?)", (base_url,))
+            [(recorded,)] = self._db.execute("SELECT value FROM meta WHERE key = 'api'")
+        return str(recorded)
 
     async def load(self) -> dict[str, JobRow]:
         """Every job the journal knows, by key."""

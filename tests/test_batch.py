@@ -8,6 +8,7 @@ import math
 import random
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -652,3 +653,49 @@ async def test_a_journal_held_by_another_process_is_refused_until_it_dies(
         await holder.wait()
     journal = await Journal.open(path)
     await journal.aclose()
+
+
+async def test_a_stop_while_submitting_is_journaled_sends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writing = threading.Event()
+    update = Journal._update
+
+    def slow_update(self: Journal, key: str, values: dict[str, Any]) -> None:
+        if values.get("state") == "submitting":
+            writing.set()
+            time.sleep(0.2)  # a slow disk: the stop lands meanwhile
+        update(self, key, values)
+
+    monkeypatch.setattr(Journal, "_update", slow_update)
+    fake = FakeBFL(generation_time=0.01)
+    async with client_for(fake) as client, client.batch(jobs(1), tmp_path) as batch:
+
+        async def stop_while_writing() -> None:
+            while not writing.is_set():
+                await anyio.sleep(0.001)
+            batch.stop()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_while_writing)
+            async for _ in batch:
+                pass
+    assert fake.submits == 0 and batch.counts() == {"queued": 1}
+
+
+async def test_a_batch_run_on_a_local_fake_is_not_taken_for_one_on_bfl(tmp_path: Path) -> None:
+    async with FakeBFL(generation_time=0.01) as local:  # on loopback, as `bfl batch --fake`
+        options = {"base_url": local.base_url, "http_client": None}
+        async with client_for(local, **options) as client, client.batch(jobs(2), tmp_path) as first:
+            async for _ in first:
+                pass
+    bfl = FakeBFL()  # answers under BFL's own names, as the real API would
+    with pytest.raises(BatchInUseError, match="another API") as caught:
+        await run(bfl, tmp_path, jobs(2))  # its placeholders would pass for paid images
+    assert (caught.value.api or "").startswith("http://127.0.0.1") and bfl.submits == 0
+    async with FakeBFL(generation_time=0.01) as local:  # another fake: resumes, pays nothing
+        options = {"base_url": local.base_url, "http_client": None}
+        async with client_for(local, **options) as client, client.batch(jobs(2), tmp_path) as again:
+            async for _ in again:
+                pass
+        assert again.counts() == {"downloaded": 2} and local.submits == 0

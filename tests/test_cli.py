@@ -27,10 +27,10 @@ from typer.testing import CliRunner, Result
 
 from bfl_async import MODELS
 from bfl_async.cli import app
-from bfl_async.cli._batch import parse_budget
+from bfl_async.cli._batch import BatchStats, JobResult, parse_budget
 from bfl_async.cli._connect import Connection
-from bfl_async.cli._display import credits_text, duration, usd
-from bfl_async.cli._jobs import parse_param
+from bfl_async.cli._display import credits_text, duration, job_line, usd
+from bfl_async.cli._jobs import Job, parse_param
 from bfl_async.testing import FakeBFL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,6 +301,8 @@ def test_jobs_refused_at_submit_fail_without_a_task(start_fake: StartFake, tmp_p
         ('{"model": "flux-2-pro", "prompt": "a fox", "width": 1000}', "not a multiple of 16"),
         ('{"model": "flux-2-pro", "prompt": "a fox", "colour": "red"}', "colour"),
         ('{"model": "flux-2-pro", "prompt": "a fox", "name": "../x"}', "plain file name"),
+        ('{"model": "flux-2-pro", "prompt": "a fox", "name": "fox\\tdawn"}', "plain file name"),
+        ('{"model": "flux-2-pro", "prompt": "a fox", "name": "' + "x" * 201 + '"}', "at most 200"),
         ('{"model": "flux-2-pro", "prompt": "a fox", "name": 5}', '"name" must be a string'),
         ('{"model": "flux-2-pro", "prompt": "a fox", "name": "ok"}', "already used on line 2"),
     ],
@@ -674,11 +676,20 @@ def test_fake_server_serves_until_ctrl_c(tmp_path: Path) -> None:
 # --- resume, budgets and signals -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("status", ["failed", "skipped", "expired", "pending", "uncertain"])
+def test_a_job_line_keeps_its_status_apart_from_the_job(status: Any) -> None:
+    job = Job(line=2, model="flux-2-pro", params={}, name="fox", estimate=3.0)
+    line = job_line(JobResult(job, status, error="why"), BatchStats(total=12)).plain
+    assert f"] {status} fox" in line, line  # piped output is parsed: one space at least
+
+
 def test_budget_accepts_credits_or_dollars() -> None:
     assert parse_budget("500") == 500.0
     assert parse_budget(" $12.50 ") == 1250.0
     assert parse_budget("$1,000") == 100000.0
-    for bad in ("", "$", "twelve", "-3", "nan", "inf"):
+    assert parse_budget("$1,234.50") == 123450.0
+    # A decimal comma must not make a budget a hundred times larger.
+    for bad in ("", "$", "twelve", "-3", "nan", "inf", "$12,50", "12,5", "1,2,3"):
         with pytest.raises(ValueError, match="not a budget"):
             parse_budget(bad)
 

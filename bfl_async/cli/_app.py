@@ -21,6 +21,7 @@ from bfl_async import (
     MODELS,
     AsyncBFL,
     Batch,
+    BatchInUseError,
     BFLError,
     GeneratedImage,
     MissingAPIKeyError,
@@ -174,8 +175,8 @@ def _fail(message: str, exit_code: int) -> typer.Exit:
 def _exit_code(error: Exception) -> int:
     if isinstance(error, CLIError):
         return error.exit_code
-    if isinstance(error, ParameterError | OutputExistsError | MissingAPIKeyError):
-        return 2  # the input is wrong; nothing was sent
+    if isinstance(error, ParameterError | OutputExistsError | MissingAPIKeyError | BatchInUseError):
+        return 2  # the input is wrong, or the output taken; nothing was sent
     return 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,16 +29,21 @@ __all__ = [
 ]
 
 MANIFEST = "results.jsonl"
+_THOUSANDS = re.compile(r"\d{1,3}(,\d{3})+(\.\d+)?")
 
 Status = Literal["ok", "failed", "uncertain", "skipped", "expired", "pending"]
 
 
 def parse_budget(text: str) -> float:
     """A budget in credits from `500` (credits) or `$12.50` (US dollars: 1 credit = 1 cent)."""
-    raw = text.strip().replace(",", "")
+    raw = text.strip()
     dollars = raw.startswith("$")
+    raw = raw.removeprefix("$").strip()
+    # Commas only as thousands separators: "$12,50" must not become $1,250.
+    if "," in raw and not _THOUSANDS.fullmatch(raw):
+        raw = "invalid"
     try:
-        value = float(raw.removeprefix("$").strip())
+        value = float(raw.replace(",", ""))
     except ValueError:
         value = -1.0
     if not 0 <= value < float("inf"):

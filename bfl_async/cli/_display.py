@@ -61,7 +61,7 @@ def job_line(result: JobResult, stats: BatchStats) -> Text:
         cost = "" if result.cost is None else f", {number(result.cost)} credits"
         text.append(f" -> {result.path} (seed {result.seed}{cost})")
     else:
-        text.append(f"{result.status:<7}", style="bold red")
+        text.append(f"{result.status:<6} ", style="bold red")  # always one space after
         text.append(_failure(result))
     return text
 

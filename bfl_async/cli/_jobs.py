@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bfl_async import MODELS, ParameterError, UnknownModelError, estimate_cost
+from bfl_async._download import check_file_name
 
 __all__ = ["Job", "JobFileError", "describe_parameter_error", "load_jobs", "parse_param"]
 
@@ -140,8 +141,13 @@ def _check_name(job: Job, seen: dict[str, int], output_dir: Path | None, overwri
     name = job.name
     if name is None:
         return
-    if name in ("", ".", "..") or "/" in name or "\\" in name:
-        raise ValueError(f'"name" {name!r} must be a plain file name, without / or \\')
+    try:
+        check_file_name(job.model, name)  # the library's own check, before anything is sent
+    except ParameterError:
+        raise ValueError(
+            f'"name" {name!r} must be a plain file name: no / or \\, no control '
+            "characters, at most 200 characters"
+        ) from None
     if name in seen:
         raise ValueError(f'"name" {name!r} is already used on line {seen[name]}')
     seen[name] = job.line
