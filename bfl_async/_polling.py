@@ -142,17 +142,16 @@ def _terminal(task: Task, body: Mapping[str, Any], polls: int) -> Result:
     status = body["status"]
     details = body.get("details")
     if status == "Ready":
-        result = body.get("result")
-        sample = result.get("sample") if isinstance(result, dict) else None
-        if not isinstance(result, dict) or not isinstance(sample, str):
+        if not _has_sample(body):
             raise GenerationError(
                 f"task {task.id} is Ready but BFL's answers carry no result URL, so its image "
                 "cannot be fetched; the task is paid for: report its id to BFL",
                 task=task,
             )
+        result = body["result"]
         return Result(
             task=task,
-            sample=sample,
+            sample=result["sample"],
             seed=int_or_none(result.get("seed")),
             prompt=result.get("prompt") if isinstance(result.get("prompt"), str) else None,
             start_time=float_or_none(result.get("start_time")),

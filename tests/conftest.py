@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from .redis_server import RedisServer, redis_server
@@ -29,6 +30,20 @@ def _no_proxy_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
+
+
+@pytest.fixture
+def planned_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every `anyio.sleep` the code asks for, noted and skipped: long waits, tested at once."""
+    waits: list[float] = []
+    sleep = anyio.sleep
+
+    async def planned(delay: float) -> None:
+        waits.append(delay)
+        await sleep(0)
+
+    monkeypatch.setattr(anyio, "sleep", planned)
+    return waits
 
 
 @pytest.fixture

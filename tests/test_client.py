@@ -426,21 +426,13 @@ async def test_rate_limit_retries_are_bounded(mock: respx.MockRouter) -> None:
 
 @pytest.mark.parametrize("code", [429, 503])
 async def test_a_long_retry_after_is_obeyed_in_full(
-    client: AsyncBFL, mock: respx.MockRouter, monkeypatch: pytest.MonkeyPatch, code: int
+    client: AsyncBFL, mock: respx.MockRouter, planned_waits: list[float], code: int
 ) -> None:
-    waits: list[float] = []
-    sleep = anyio.sleep
-
-    async def planned(delay: float) -> None:  # notes the wait and skips it
-        waits.append(delay)
-        await sleep(0)
-
-    monkeypatch.setattr(anyio, "sleep", planned)
     later = httpx.Response(code, json={"detail": "busy"}, headers={"Retry-After": "120"})
     mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=[later, accepted()])
     mock.get(polling_url("task-1")).mock(side_effect=[later, ready()])
     await client.wait(await client.submit("flux-2-pro", prompt="x"))
-    assert len([w for w in waits if 120 <= w <= 150]) == 2  # the submit's, then the poll's
+    assert len([w for w in planned_waits if 120 <= w <= 150]) == 2  # the submit's, the poll's
     # A 429 says the account is at its limit, and lowers ours; a 503 only that BFL is busy.
     assert (client.limiter.limit() < 24) is (code == 429)
 

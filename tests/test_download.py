@@ -309,16 +309,9 @@ async def test_two_downloads_to_one_name_never_mix(
 
 
 async def test_a_busy_delivery_host_is_given_the_time_it_asks_for(
-    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path, planned_waits: list[float]
 ) -> None:
-    waits: list[float] = []
-    sleep = anyio.sleep
-
-    async def planned(delay: float) -> None:  # notes the wait and skips it
-        waits.append(delay)
-        await sleep(0)
-
-    monkeypatch.setattr(anyio, "sleep", planned)
+    waits = planned_waits
     busy = httpx.Response(503, headers={"Retry-After": "2"})
     mock.get(DELIVERY).mock(side_effect=[busy, httpx.Response(500), image()])
     path = await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
