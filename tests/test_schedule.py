@@ -496,7 +496,7 @@ async def test_an_urgency_that_raises_fails_its_own_poll_only() -> None:
 
 
 async def test_an_urgency_that_raised_once_is_asked_afresh_at_the_next_turn() -> None:
-    budget = PollBudget(10.0)
+    budget = PollBudget(5.0)  # 0.204 s apart: far more than the steps below take
     answers: list[float | None] = [None, 0.5]  # None: raise
 
     def flaky() -> float:
@@ -512,12 +512,12 @@ async def test_an_urgency_that_raised_once_is_asked_afresh_at_the_next_turn() ->
         left.append(name)
 
     await budget.send()
-    with anyio.fail_after(1.0):
+    with anyio.fail_after(3.0):
         async with anyio.create_task_group() as tg:
             tg.start_soon(poll, "leader", lambda: 0.0)
-            await anyio.sleep(0.005)
+            await anyio.wait_all_tasks_blocked()  # queued in this order, whatever the clock
             tg.start_soon(poll, "first", lambda: math.inf)  # goes before the failed one
-            await anyio.sleep(0.005)
+            await anyio.wait_all_tasks_blocked()
             tg.start_soon(poll, "flaky", flaky)
     assert left == ["first", "flaky", "leader"]  # not failed by what it raised before
 
@@ -545,7 +545,7 @@ async def test_a_cancelled_poll_gives_up_its_turn() -> None:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_a_poll_cancelled_as_it_is_handed_the_lead_passes_it_on() -> None:
-    budget = PollBudget(20.0)
+    budget = PollBudget(5.0)  # 0.204 s apart: far more than the steps below take
     await budget.send()  # the free turn: the next ones queue
     doomed = anyio.CancelScope()
     left: list[str] = []
@@ -562,12 +562,12 @@ async def test_a_poll_cancelled_as_it_is_handed_the_lead_passes_it_on() -> None:
         with doomed:
             await poll("doomed", lambda: 0.0)
 
-    with anyio.fail_after(1.0):
+    with anyio.fail_after(3.0):
         async with anyio.create_task_group() as tg:
             tg.start_soon(poll, "leader", leader_urgency)
-            await anyio.sleep(0.001)
+            await anyio.wait_all_tasks_blocked()  # queued in this order, whatever the clock
             tg.start_soon(cancelled)
-            await anyio.sleep(0.001)
+            await anyio.wait_all_tasks_blocked()
             tg.start_soon(poll, "last", lambda: 0.0)
     assert left == ["leader", "last"]
 
