@@ -52,7 +52,7 @@ from ._http import (
 from ._limits import InFlightLimiter, InFlightSlot, Limiter
 from ._models import GeneratedImage, Outcome, Result, Task, Timings
 from ._network import NetworkBackend
-from ._polling import PollSchedule, _terminal, watch_task
+from ._polling import PollSchedule, _terminal, has_sample, watch_task
 from ._push import EarlyEvents, FirstNow, Slowed, poll_answer
 from ._requests import build_job, build_request
 from ._schedule import LearnedSchedule
@@ -603,9 +603,7 @@ class AsyncBFL:
                 watch.result = await self._poll(watch, self._slowed if watch.pushed else None)
             if watch.result is None and watch.event is not None:
                 answer = poll_answer(watch.event)
-                if watch.event.status == "Ready" and not isinstance(
-                    (watch.event.result or {}).get("sample"), str
-                ):
+                if answer["status"] == "Ready" and not has_sample(answer):
                     # The push said Ready without saying where the image is: ask now.
                     watch.result = await self._poll(watch, FirstNow(self._schedule))
                 else:

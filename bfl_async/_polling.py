@@ -132,7 +132,8 @@ class Backoff:
         """Plain backoff learns nothing."""
 
 
-def _has_sample(body: Mapping[str, Any]) -> bool:
+def has_sample(body: Mapping[str, Any]) -> bool:
+    """Whether a poll answer (or a push, read as one) says where the image is."""
     result = body.get("result")
     return isinstance(result, dict) and isinstance(result.get("sample"), str)
 
@@ -142,7 +143,7 @@ def _terminal(task: Task, body: Mapping[str, Any], polls: int) -> Result:
     status = body["status"]
     details = body.get("details")
     if status == "Ready":
-        if not _has_sample(body):
+        if not has_sample(body):
             raise GenerationError(
                 f"task {task.id} is Ready but BFL's answers carry no result URL, so its image "
                 "cannot be fetched; the task is paid for: report its id to BFL",
@@ -265,7 +266,7 @@ async def watch_task(
                 logger.warning("poll of task %s: malformed answer; retrying", task.id)
                 at = anyio.current_time() + retry_delay(retry_base_delay, failures)
                 continue
-            if status == "Ready" and not _has_sample(body) and empty_ready < _EMPTY_READY:
+            if status == "Ready" and not has_sample(body) and empty_ready < _EMPTY_READY:
                 empty_ready += 1
                 failures += 1
                 logger.warning("task %s is Ready without a result URL; asking again", task.id)
