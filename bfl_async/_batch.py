@@ -101,6 +101,9 @@ class JobRecord:
     listed: bool = True
     """False for a job no longer in the list whose task an earlier run paid for: it is
     still watched and saved (its `index` then follows the listed jobs')."""
+    at_risk: float = 0.0
+    """Estimated credits of this job's `uncertain` submits, which may or may not have been
+    charged: also of earlier ones, when it was resubmitted since (see `resubmit_uncertain`)."""
 
     @property
     def ok(self) -> bool:
@@ -126,6 +129,7 @@ class JobRecord:
             "path": None if self.path is None else str(self.path),
             "seed": self.seed,
             "listed": self.listed,
+            "at_risk": self.at_risk,
             "error_type": self.error_type,
             "error": self.error,
         }
@@ -166,6 +170,8 @@ class _Job:
     The job stays `uncertain` unless this run's submit got an answer or may have been sent."""
     posting: bool = False
     """This run journaled `submitting` for it: from then on a POST may be on its way."""
+    risk: float = 0.0
+    """The journal's `risk`: estimated credits of its submits that may have been charged."""
 
 
 class Batch:
@@ -363,6 +369,7 @@ class Batch:
             ):
                 if paid:
                     self._spent += _cost(row.cost, row.estimate)
+                self._at_risk += row.risk
                 continue
             index = len(self._records)
             record = JobRecord(
@@ -387,25 +394,30 @@ class Batch:
             seed=int(row.seed) if row.seed else None,
             error=row.error,
             previous=True,
+            at_risk=row.risk,
         )
         job.attempts = row.attempts
         job.sample = row.sample
         job.record = record
+        job.risk = row.risk
         self._records[job.index] = record
         state = row.state
+        if state == "submitting":  # a submit left on its way: one more at risk
+            job.risk += job.estimate
+        self._at_risk += job.risk
         if state in ("submitting", "uncertain"):
             error = row.error or (
                 "SubmissionUncertainError: the batch stopped while this job's submit was on "
                 "its way; BFL may or may not have created (and charged for) a task. Check "
                 "your dashboard, then rerun with resubmit_uncertain=True to submit it again"
             )
+            # Journaled before any resubmit, so that its risk adds to this one's.
+            await self._set(job, "uncertain", previous=True, error=error, risk=job.risk)
             if self._resubmit_uncertain and job.spec is not None:
                 logger.warning("resubmitting job %s, whose earlier submit is uncertain", job.key)
                 job.uncertain = error
                 self._to_submit.append(job)
                 return
-            self._at_risk += job.estimate
-            await self._set(job, "uncertain", previous=True, error=error)
             self._finished_early.append(job.record)
         elif state == "submitted" and task is not None:
             self._to_attach.append(job)
@@ -485,7 +497,12 @@ class Batch:
     ) -> None:
         record_values = {k: v for k, v in values.items() if k in ("cost", "path", "seed", "error")}
         job.record = replace(
-            job.record, state=state, exception=exception, previous=previous, **record_values
+            job.record,
+            state=state,
+            exception=exception,
+            previous=previous,
+            at_risk=round(job.risk, 4),
+            **record_values,
         )
         self._records[job.index] = job.record
 
@@ -551,13 +568,17 @@ class Batch:
         error: BaseException | None
         state, error = failure if failure is not None else ("queued", None)
         text = None if error is None else _describe(error)
-        if job.uncertain is not None and state != "uncertain" and not isinstance(error, APIError):
-            # Asked to resubmit a job whose earlier submit is uncertain, but nothing went out
-            # this time (stopped, over budget, the file exists, not sent): still uncertain.
-            state, text = "uncertain", job.uncertain
-        if state == "uncertain":
+        if state == "uncertain":  # this submit may have been charged
+            job.risk += job.estimate
             self._at_risk += job.estimate
-        await self._end(job, send, state, error=text, exception=error, safe=state == "uncertain")
+        elif job.uncertain is not None and not isinstance(error, APIError):
+            # Asked to resubmit a job whose earlier submit is uncertain, but nothing went out
+            # this time (stopped, over budget, the file exists, not sent): still uncertain
+            # (the earlier submit's risk is already counted).
+            state, text = "uncertain", job.uncertain
+        await self._end(
+            job, send, state, error=text, exception=error, risk=job.risk, safe=state == "uncertain"
+        )
 
     def _check_output(self, job: _Job) -> None:
         if job.name is None or self._overwrite:

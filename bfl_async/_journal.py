@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_type TEXT,
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    risk REAL NOT NULL DEFAULT 0
 )
 """
 
@@ -100,6 +101,9 @@ class JobRow:
     attempts: int = 0
     """How many times a submit of this job was started."""
     updated_at: float = 0.0
+    risk: float = 0.0
+    """Credits of this job's submits that may have created (and been charged for) a task
+    nobody knows of: its estimate once for each `uncertain` submit, resubmitted or not."""
 
 
 _COLUMNS = tuple(f.name for f in fields(JobRow))
@@ -140,6 +144,7 @@ class Journal:
                 db.execute("PRAGMA synchronous=FULL")
                 db.execute(_SCHEMA)
                 db.execute(_META)
+                _add_risk(db)
             except sqlite3.Error:
                 db.close()
                 raise
@@ -226,6 +231,17 @@ class Journal:
             self._db.close()
         finally:
             self._owner.release()
+
+
+def _add_risk(db: sqlite3.Connection) -> None:
+    """Give a journal from before the `risk` column one: each `uncertain` job's submit
+    is at risk (a `submitting` one is counted when the batch resumes it)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "risk" in columns:
+        return
+    with _Transaction(db):
+        db.execute("ALTER TABLE jobs ADD COLUMN risk REAL NOT NULL DEFAULT 0")
+        db.execute("UPDATE jobs SET risk = estimate WHERE state = 'uncertain'")
 
 
 class _Transaction:

@@ -575,6 +575,72 @@ async def test_resubmitting_an_uncertain_job_that_is_not_sent_keeps_it_uncertain
     assert fake.submits == 2
 
 
+async def test_a_resubmitted_uncertain_submit_stays_at_risk_and_in_the_budget(
+    tmp_path: Path,
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    job_list = [{"model": "flux-2-klein-4b", "prompt": "x", "name": "n"}]
+    fake.fail_next("submit", "drop_after")  # a task is created (and charged), its answer lost
+    await run(fake, tmp_path, job_list)
+    # Sending it again may pay twice: 1.4 at risk + 1.4 would pass a budget of 2.
+    skipped = await run(fake, tmp_path, job_list, resubmit_uncertain=True, max_cost=2.0)
+    assert skipped.counts() == {"uncertain": 1} and skipped.at_risk == 1.4
+    assert fake.submits == 1
+    again = await run(fake, tmp_path, job_list, resubmit_uncertain=True, max_cost=3.0)
+    [record] = again.records
+    assert record.ok and record.at_risk == 1.4 and fake.submits == 2
+    assert again.spent == 1.4 and again.at_risk == 1.4  # the first task may be paid too
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["summary"]["uncertain_credits"] == 1.4
+    assert manifest["jobs"][0]["at_risk"] == 1.4
+    later = await run(fake, tmp_path, job_list, max_cost=2.7)
+    assert later.counts() == {"downloaded": 1} and later.at_risk == 1.4
+    # ... and it leaves no room for another 1.4 job under 4.1 (1.4 spent + 1.4 at risk).
+    more = await run(fake, tmp_path, [*job_list, *jobs(1)], max_cost=4.1)
+    assert more.counts() == {"downloaded": 1, "skipped": 1} and fake.submits == 2
+
+
+async def test_every_uncertain_submit_of_a_job_counts(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    job_list = [{"model": "flux-2-klein-4b", "prompt": "x", "name": "n"}]
+    fake.fail_next("submit", "drop_after", count=2)
+    await run(fake, tmp_path, job_list)
+    again = await run(fake, tmp_path, job_list, resubmit_uncertain=True)
+    assert again.counts() == {"uncertain": 1} and again.at_risk == 2.8 and fake.submits == 2
+    assert (await run(fake, tmp_path, job_list)).at_risk == 2.8
+    # A run killed while resubmitting leaves the row `submitting`, its risk still 2.8.
+    with sqlite3.connect(tmp_path / Batch.journal_name) as db:
+        db.execute("UPDATE jobs SET state = 'submitting'")
+    killed = await run(fake, tmp_path, job_list)
+    assert killed.counts() == {"uncertain": 1} and killed.at_risk == 4.2
+    assert killed.records[0].at_risk == 4.2 and fake.submits == 2
+
+
+async def test_a_journal_from_before_the_risk_column_keeps_its_uncertain_jobs_at_risk(
+    tmp_path: Path,
+) -> None:
+    with sqlite3.connect(tmp_path / Batch.journal_name) as db:
+        db.execute(
+            "CREATE TABLE jobs (key TEXT PRIMARY KEY, position INTEGER NOT NULL, name TEXT, "
+            "model TEXT NOT NULL, estimate REAL NOT NULL, state TEXT NOT NULL, task TEXT, "
+            "cost REAL, sample TEXT, seed TEXT, path TEXT, error_type TEXT, error TEXT, "
+            "attempts INTEGER NOT NULL DEFAULT 0, updated_at REAL NOT NULL)"
+        )
+        db.execute(
+            "INSERT INTO jobs (key, position, name, model, estimate, state, attempts, "
+            "updated_at) VALUES ('name:n', 0, 'n', 'flux-2-klein-4b', 1.4, 'uncertain', 1, 0)"
+        )
+    fake = FakeBFL(generation_time=0.01)
+    job_list = [{"model": "flux-2-klein-4b", "prompt": "x", "name": "n"}]
+    batch = await run(fake, tmp_path, job_list, resubmit_uncertain=True)
+    assert batch.counts() == {"downloaded": 1} and batch.at_risk == 1.4 and fake.submits == 1
+    journal = await Journal.open(tmp_path / Batch.journal_name)
+    try:
+        assert (await journal.load())["name:n"].risk == 1.4
+    finally:
+        await journal.aclose()
+
+
 async def test_a_cancelled_caller_never_skips_a_journal_write(tmp_path: Path) -> None:
     journal = await Journal.open(tmp_path / "j.sqlite")
     try:
