@@ -170,6 +170,8 @@ class _Job:
     The job stays `uncertain` unless this run's submit got an answer or may have been sent."""
     posting: bool = False
     """This run journaled `submitting` for it: from then on a POST may be on its way."""
+    post_scope: anyio.CancelScope | None = field(default=None, repr=False)
+    """The shielded scope of its POST on its way, for `stop(abandon=True)` to cancel."""
     risk: float = 0.0
     """The journal's `risk`: estimated credits of its submits that may have been charged."""
 
@@ -223,6 +225,7 @@ class Batch:
         self._to_submit: list[_Job] = []
         self._follow_scopes: set[anyio.CancelScope] = set()
         self._stopping = False
+        self._abandoning = False
         self._deadline = math.inf
         self._started = False
         self._finished: anyio.Event | None = None
@@ -299,16 +302,21 @@ class Batch:
             assert self._journal is not None
             await self._journal.aclose()
 
-    def stop(self, grace: float | None = None) -> None:
+    def stop(self, grace: float | None = None, *, abandon: bool = False) -> None:
         """Send no more submits, at once; jobs already paid for keep being watched.
 
         With `grace`, watching stops after that many seconds (0: now); what is still in
-        flight then stays `submitted` in the journal, and the next run picks it up.
+        flight then stays `submitted` in the journal, and the next run picks it up. A submit
+        already on its way is waited for (its answer says whether it was paid) unless
+        `abandon`: its job then ends `uncertain`.
         """
         self._stopping = True
+        self._abandoning = self._abandoning or abandon
         for job in self._to_submit:
             if job.scope is not None and job.record.task is None:
                 job.scope.cancel()
+            if job.post_scope is not None and self._abandoning:
+                job.post_scope.cancel()
         if grace is not None:
             self._deadline = min(self._deadline, anyio.current_time() + max(0.0, grace))
             for scope in self._follow_scopes:
@@ -546,6 +554,7 @@ class Batch:
                     None,
                     before_send=functools.partial(self._before_send, job),
                     on_accepted=functools.partial(self._accepted, job),
+                    shield=functools.partial(self._post_scope, job),
                 )
             except _Stopped:
                 pass
@@ -560,6 +569,7 @@ class Batch:
                 # Before `submitting` nothing was sent (OutputExistsError...); after it, the
                 # POST may have created a task (or BFL accepted it and journaling failed).
                 failure = ("uncertain" if job.posting else "failed", exc)
+        job.post_scope = None
         self._unreserve(job)
         if watch is not None:
             await self._follow(job, watch, send)
@@ -611,6 +621,12 @@ class Batch:
         if self._stopping:  # stopped while that was written (no checkpoint comes before the
             raise _Stopped  # POST to cancel it): nothing goes out, the job stays `queued`
         job.posting = True
+
+    def _post_scope(self, job: _Job) -> anyio.CancelScope:
+        job.post_scope = anyio.CancelScope(shield=True)
+        if self._abandoning:
+            job.post_scope.cancel()
+        return job.post_scope
 
     def _unreserve(self, job: _Job) -> None:
         if job.reserved:

@@ -36,6 +36,7 @@ from ._errors import (
     OutputExistsError,
     ParameterError,
     Problem,
+    SubmissionUncertainError,
     WaitTimeoutError,
 )
 from ._http import (
@@ -47,6 +48,7 @@ from ._http import (
     cost_or_none,
     float_or_none,
     is_api_host,
+    redact,
     retry_delay,
 )
 from ._limits import InFlightLimiter, InFlightSlot, Limiter
@@ -485,6 +487,7 @@ class AsyncBFL:
         on_submitted: OnSubmitted | None,
         before_send: Callable[[], Awaitable[None]] | None = None,
         on_accepted: Callable[[Task], Awaitable[None]] | None = None,
+        shield: Callable[[], anyio.CancelScope] | None = None,
     ) -> tuple[_Watch, float, float]:
         """Submit with the retry rules of `post_submit`; return the watch and its timings.
 
@@ -492,6 +495,8 @@ class AsyncBFL:
         the attempt there, or raises to cancel it: the slot is then released). `on_accepted`
         runs first of all when BFL accepts (a batch journals the paid handle there); with
         it, a failing `on_submitted` is logged, not raised: the task is paid and recorded.
+        `shield` makes the shielded scope each POST runs in, for a batch to abandon it:
+        cancelled, the submit raises `SubmissionUncertainError`.
         """
         tg = self._task_group()
         if self.webhook_url is not None and "webhook_url" not in body:
@@ -510,24 +515,32 @@ class AsyncBFL:
             try:
                 if before_send is not None:
                     await before_send()
-                # Once the POST is on its way, a cancelled caller must not lose its answer.
+                # Once the POST is on its way, a cancelled caller must not lose its answer:
+                # only its batch may abandon the POST itself (`shield`).
                 with anyio.CancelScope(shield=True):
                     sent_at = anyio.current_time()
-                    try:
-                        accepted = await self._api.post_submit(model, body, params)
-                    except Refused as exc:
-                        assert slot is not None
-                        if exc.error.status_code == 429:  # at the account's limit (a 503:
-                            slot.refused()  # the server is busy, not the account full)
-                        failure = exc
-                    except NotSent as exc:
-                        failure = exc
-                    else:
+                    accepted: Accepted | None = None
+                    posting = anyio.CancelScope(shield=True) if shield is None else shield()
+                    with posting:
+                        try:
+                            accepted = await self._api.post_submit(model, body, params)
+                        except Refused as exc:
+                            assert slot is not None
+                            if exc.error.status_code == 429:  # at the account's limit (a 503:
+                                slot.refused()  # the server is busy, not the account full)
+                            failure = exc
+                        except NotSent as exc:
+                            failure = exc
+                    if accepted is not None:
                         assert slot is not None
                         watch = self._adopt(tg, accepted, model, slot, pushed)
                         slot = None
                         await self._notify(watch.task, on_submitted, on_accepted)
                         return watch, queued, anyio.current_time() - sent_at
+                    if posting.cancelled_caught:
+                        raise SubmissionUncertainError(
+                            "abandoned on its way", model=model, params=redact(params)
+                        )
             finally:
                 if slot is not None:
                     slot.release()

@@ -641,6 +641,34 @@ async def test_a_journal_from_before_the_risk_column_keeps_its_uncertain_jobs_at
         await journal.aclose()
 
 
+@BOTH
+@pytest.mark.parametrize("abandon", [False, True])
+async def test_stop_waits_for_a_submit_on_its_way_unless_told_to_abandon_it(
+    abandon: bool, never_fake: FakeBFL, tmp_path: Path
+) -> None:
+    fake = never_fake
+    fake.slow_seconds = 1.0
+    fake.fail_next("submit", "slow")  # BFL holds the POST (the task is created at once)
+    async with client_for(fake) as client, client.batch(jobs(1), tmp_path) as batch:
+
+        async def stop_while_posting() -> None:
+            while fake.submits < 1:
+                await anyio.sleep(0.001)
+            batch.stop(grace=0, abandon=abandon)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_while_posting)
+            [record] = [record async for record in batch]
+    if abandon:  # not waited for: nobody knows whether it was paid
+        assert record.state == "uncertain" and batch.at_risk == 1.4
+        assert isinstance(record.exception, SubmissionUncertainError)
+        assert "abandoned" in str(record.exception)
+    else:  # its answer came: the paid handle is kept for the next run
+        assert record.state == "submitted" and record.task is not None
+        assert batch.at_risk == 0 and batch.spent == 1.4
+    assert fake.submits == 1
+
+
 async def test_a_cancelled_caller_never_skips_a_journal_write(tmp_path: Path) -> None:
     journal = await Journal.open(tmp_path / "j.sqlite")
     try:

@@ -767,3 +767,32 @@ def test_sigint_stops_submits_waits_for_paid_tasks_and_says_how_to_resume(
     result = bfl("batch", jobs, "-o", out, "--base-url", fake.base_url, "--api-key", KEY)
     assert result.exit_code == 0, result.output
     assert fake.submits == 8 and fake.duplicate_submits == 0
+
+
+def test_a_third_sigint_abandons_a_submit_bfl_holds(start_fake: StartFake, tmp_path: Path) -> None:
+    fake = start_fake(limits={"standard": 3})
+    fake.generation_time = 3600.0
+    fake.slow_seconds = 3600.0
+    fake.fail_next("submit", "slow")  # BFL never answers the first submit
+    jobs = small_batch(tmp_path, count=5)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [*CLI, "batch", str(jobs), "-o", str(out), "--base-url", fake.base_url,
+         "--concurrency", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=subprocess_env(BFL_API_KEY=KEY),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while fake.submits < 3:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.005)
+    assert process.stderr is not None
+    for said in ("no new submits", "press Ctrl-C again to abandon it"):
+        process.send_signal(signal.SIGINT)  # each one heard before the next: none merge
+        assert said in process.stderr.readline().decode()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)  # not the 60 s read timeout
+    assert process.returncode == 130, stderr
+    statuses = sorted(row["status"] for row in manifest(out))
+    assert statuses == ["pending"] * 4 + ["uncertain"]
+    assert fake.submits == 3

@@ -368,6 +368,12 @@ def batch(
                 f"stopping: no new submits; watching paid tasks for up to {grace:g} s "
                 "(press Ctrl-C again to stop now)"
             )
+        elif len(signals) == 2:
+            _print_error(
+                "stopping now; a submit still on its way is waited for, as its answer says "
+                "whether it was paid (press Ctrl-C again to abandon it: its job is then "
+                "uncertain)"
+            )
 
     async def run(client: AsyncBFL) -> None:
         options: dict[str, Any] = {

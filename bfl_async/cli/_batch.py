@@ -216,7 +216,8 @@ async def run_batch(
     """Run every job into `output_dir`, writing results.jsonl as the jobs end.
 
     SIGINT or SIGTERM stops new submits at once and keeps watching what is in flight for
-    `grace` seconds (a second signal ends that); the journal keeps the rest for the next run.
+    `grace` seconds (a second signal ends that, a third abandons submits still waiting for
+    their answer); the journal keeps the rest for the next run.
     """
     stats.started = time.monotonic()
     requests = [job.request() for job in jobs]
@@ -262,7 +263,9 @@ async def _stop_on_signals(
     grace: float,
     on_signal: Callable[[int, Batch], None] | None,
 ) -> None:
+    received = 0
     async for signum in signals:
-        batch.stop(grace=0 if batch.stopping else grace)
+        received += 1
+        batch.stop(grace=grace if received == 1 else 0, abandon=received > 2)
         if on_signal is not None:
             on_signal(signum, batch)
