@@ -77,7 +77,7 @@ class ParamSpec:
         if self.kind == "choice":
             return ", ".join(self.choices)
         if self.kind == "image":
-            return "bytes, a file path, an http(s) URL or base64 text"
+            return "bytes, a file path, an http(s) URL or base64 image data"
         if self.kind == "bool":
             return "True or False"
         if self.kind == "str":
@@ -259,7 +259,6 @@ _FLUX2_PARAMS: Mapping[str, ParamSpec] = {
     "output_format": ParamSpec("choice", choices=("jpeg", "png", "webp")),
     **_WEBHOOK,
 }
-_FLUX2_UPSAMPLING = {**_FLUX2_PARAMS, "prompt_upsampling": _BOOL}
 _FLUX2_DIMENSIONS = DimensionRule(min=64, max=4096, multiple=16, max_pixels=4 * 2**20)
 
 _FLUX1_COMMON: Mapping[str, ParamSpec] = {
@@ -306,7 +305,7 @@ _MODELS = (
         family="flux2",
         pool="standard",
         max_references=8,
-        params=_FLUX2_UPSAMPLING,
+        params=_FLUX2_PARAMS,
         pricing=MegapixelPrice(first_mp_cents=3, mp_cents=1.5),
         dimensions=_FLUX2_DIMENSIONS,
     ),
@@ -316,7 +315,7 @@ _MODELS = (
         family="flux2",
         pool="standard",
         max_references=8,
-        params=_FLUX2_UPSAMPLING,
+        params=_FLUX2_PARAMS,
         pricing=MegapixelPrice(first_mp_cents=7, mp_cents=3),
         dimensions=_FLUX2_DIMENSIONS,
     ),
@@ -327,7 +326,8 @@ _MODELS = (
         pool="standard",
         max_references=8,
         params={
-            **_FLUX2_UPSAMPLING,
+            **_FLUX2_PARAMS,
+            "prompt_upsampling": _BOOL,  # of the FLUX.2 models, flex alone takes it
             "guidance": ParamSpec("float", ge=1.5, le=10),
             "steps": ParamSpec("int", ge=1, le=50),
         },

@@ -48,7 +48,7 @@ from ._http import (
     cost_or_none,
     float_or_none,
     is_api_host,
-    redact,
+    resendable,
     retry_delay,
 )
 from ._limits import InFlightLimiter, InFlightSlot, Limiter
@@ -201,6 +201,20 @@ class _Watch:
         )
 
 
+@dataclass(eq=False)
+class _Post:
+    """One submit's POST, run in the client's own task group: however its caller is
+    cancelled (also natively, by `asyncio.wait_for` or a server's shutdown), the answer is
+    taken in, and a paid task is watched and its handle logged, never dropped."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    sent_at: float = 0.0
+    watch: _Watch | None = None
+    failure: Refused | NotSent | None = None
+    error: Exception | None = None
+    caller_gone: bool = False
+
+
 def _check_webhook(url: str | None, secret: str | None) -> str | None:
     """The client's webhook URL, once checked to come with a secret and to be http(s)."""
     if url is None and secret is None:
@@ -231,6 +245,17 @@ def _make_limiter(
     from .redis import RedisLimiter  # the optional extra, imported only when asked for
 
     return RedisLimiter(url, limits=limits, separate_pools=separate)
+
+
+def _log_left(task: Task, why: str) -> None:
+    """Log a paid task that no caller will be given: its handle, to pick it up again."""
+    logger.warning(
+        "task %s is paid but no caller holds it (%s); it keeps running on BFL's side. "
+        "Resume it with client.wait(Task.model_validate_json(%r))",
+        task.id,
+        why,
+        task.model_dump_json(),
+    )
 
 
 def _pool_of(model: str) -> str:
@@ -328,7 +353,9 @@ class AsyncBFL:
         self._finished: deque[_Watch] = deque()
         self._tg: anyio.abc.TaskGroup | None = None  # around the `async with` body
         self._background: anyio.abc.TaskGroup | None = None  # the watches, inside one task
+        self._posts: set[_Post] = set()
         self._closed = False
+        self._gone = False  # closed, and the grace for tasks in flight is over
 
     def __repr__(self) -> str:
         return f"<AsyncBFL base_url={str(self.base_url)!r}>"
@@ -349,7 +376,7 @@ class AsyncBFL:
         if self._tg is not None or self._closed:
             raise RuntimeError("an AsyncBFL can be entered once; create a new one")
         await self._limiter.start()
-        self._unsubscribe = self._limiter.subscribe(self.deliver)
+        self._unsubscribe = self._limiter.subscribe(self._deliver_relayed)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -383,7 +410,7 @@ class AsyncBFL:
         return await self._tg.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
-        """Wait up to `close_grace` seconds for accepted tasks, then stop and close.
+        """Wait up to `close_grace` s for submits on their way and accepted tasks; then close.
 
         A task still running after that is logged at WARNING with its handle, so it can be
         picked up again with `wait`: a paid task is never dropped silently.
@@ -392,19 +419,17 @@ class AsyncBFL:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            pending = [w for w in self._watches.values() if not w.done.is_set()]
-            if pending:
-                with anyio.move_on_after(self._close_grace):
-                    for watch in pending:
-                        await watch.done.wait()
-            for watch in pending:
+            with anyio.move_on_after(self._close_grace):
+                # A submit on its way may come back a paid task, to wait for as well.
+                while self._posts:
+                    await next(iter(self._posts)).done.wait()
+                for watch in [w for w in self._watches.values() if not w.done.is_set()]:
+                    await watch.done.wait()
+            self._gone = True
+            for watch in self._watches.values():
                 if not watch.done.is_set():
-                    logger.warning(
-                        "closing while task %s is still in flight; it keeps running on "
-                        "BFL's side. Resume it with client.wait(Task.model_validate_json(%r))",
-                        watch.task.id,
-                        watch.task.model_dump_json(),
-                    )
+                    _log_left(watch.task, "the client closed while it was still in flight")
+            self._early.close()  # pushes for tasks it never saw accepted, logged
             if self._background is not None:
                 self._background.cancel_scope.cancel()
             if self._owns_http:
@@ -498,52 +523,46 @@ class AsyncBFL:
         `shield` makes the shielded scope each POST runs in, for a batch to abandon it:
         cancelled, the submit raises `SubmissionUncertainError`.
         """
-        tg = self._task_group()
+        self._task_group()  # open, and not closed
         if self.webhook_url is not None and "webhook_url" not in body:
             hook = {"webhook_url": self.webhook_url, "webhook_secret": self._webhook_secret}
-            body = {**body, **hook}
-            params = {**params, **hook}
+            body = {**body, **hook}  # not in `params`: resent, they come from the client again
         # Only pushes to this client's own route arrive here: any other URL is polled as usual.
         pushed = self.webhook_url is not None and body.get("webhook_url") == self.webhook_url
         not_sent = refused = 0
         front = False
         started = anyio.current_time()
         while True:
-            slot: InFlightSlot | None = await self._limiter.acquire(pool, front=front)
+            slot = await self._limiter.acquire(pool, front=front)
             queued = anyio.current_time() - started
-            failure: Refused | NotSent
             try:
                 if before_send is not None:
                     await before_send()
-                # Once the POST is on its way, a cancelled caller must not lose its answer:
-                # only its batch may abandon the POST itself (`shield`).
+                tg = self._task_group()
+            except BaseException:
+                slot.release()
+                raise
+            post = _Post()
+            self._posts.add(post)
+            tg.start_soon(
+                self._post, post, model, body, params, slot, pushed, shield,
+                on_submitted, on_accepted,
+            )  # fmt: skip
+            try:
+                # Once the POST is on its way, a cancelled caller must not lose its answer.
                 with anyio.CancelScope(shield=True):
-                    sent_at = anyio.current_time()
-                    accepted: Accepted | None = None
-                    posting = anyio.CancelScope(shield=True) if shield is None else shield()
-                    with posting:
-                        try:
-                            accepted = await self._api.post_submit(model, body, params)
-                        except Refused as exc:
-                            assert slot is not None
-                            if exc.error.status_code == 429:  # at the account's limit (a 503:
-                                slot.refused()  # the server is busy, not the account full)
-                            failure = exc
-                        except NotSent as exc:
-                            failure = exc
-                    if accepted is not None:
-                        assert slot is not None
-                        watch = self._adopt(tg, accepted, model, slot, pushed)
-                        slot = None
-                        await self._notify(watch.task, on_submitted, on_accepted)
-                        return watch, queued, anyio.current_time() - sent_at
-                    if posting.cancelled_caught:
-                        raise SubmissionUncertainError(
-                            "abandoned on its way", model=model, params=redact(params)
-                        )
-            finally:
-                if slot is not None:
-                    slot.release()
+                    await post.done.wait()
+            except BaseException:  # cancelled natively (asyncio): the POST goes on without us
+                post.caller_gone = True
+                if post.watch is not None:
+                    _log_left(post.watch.task, "its submit's caller was cancelled")
+                raise
+            if post.error is not None:
+                raise post.error
+            if post.watch is not None:
+                return post.watch, queued, anyio.current_time() - post.sent_at
+            failure = post.failure
+            assert failure is not None
             front = True
             if isinstance(failure, Refused):
                 refused += 1
@@ -568,6 +587,58 @@ class AsyncBFL:
                 delay *= random.uniform(1.0, 1.25)
                 logger.info("submit to %r not sent (%s); retrying", model, failure.reason)
             await anyio.sleep(delay)
+
+    async def _post(
+        self,
+        post: _Post,
+        model: str,
+        body: Mapping[str, Any],
+        params: Mapping[str, Any],
+        slot: InFlightSlot,
+        pushed: bool,
+        shield: Callable[[], anyio.CancelScope] | None,
+        on_submitted: OnSubmitted | None,
+        on_accepted: Callable[[Task], Awaitable[None]] | None,
+    ) -> None:
+        """Send one submit's POST and take in its answer, for `_submit` (see `_Post`)."""
+        held: InFlightSlot | None = slot
+        try:
+            # Shielded from `aclose` too, which waits for it within its grace.
+            with anyio.CancelScope(shield=True):
+                post.sent_at = anyio.current_time()
+                accepted: Accepted | None = None
+                posting = anyio.CancelScope(shield=True) if shield is None else shield()
+                with posting:  # only its batch may abandon the POST itself
+                    try:
+                        accepted = await self._api.post_submit(model, body, params)
+                    except Refused as exc:
+                        if exc.error.status_code == 429:  # at the account's limit (a 503: the
+                            slot.refused()  # server is busy, not the account full)
+                        post.failure = exc
+                    except NotSent as exc:
+                        post.failure = exc
+                if accepted is not None:
+                    assert self._background is not None
+                    post.watch = self._adopt(self._background, accepted, model, slot, pushed)
+                    held = None
+                    if post.caller_gone:
+                        _log_left(post.watch.task, "its submit's caller was cancelled")
+                    elif self._gone:
+                        _log_left(post.watch.task, "the client closed while it was submitted")
+                    await self._notify(post.watch.task, on_submitted, on_accepted)
+                elif posting.cancelled_caught:
+                    raise SubmissionUncertainError(
+                        "abandoned on its way", model=model, params=resendable(params)
+                    )
+        except Exception as exc:
+            post.error = exc
+            if post.caller_gone and isinstance(exc, SubmissionUncertainError):
+                logger.warning("%s (its caller was cancelled)", exc)
+        finally:
+            if held is not None:
+                held.release()
+            self._posts.discard(post)
+            post.done.set()
 
     def _adopt(
         self,
@@ -755,11 +826,27 @@ class AsyncBFL:
         client does not know yet is kept for two minutes: it may overtake the submit's
         answer. Like `handle_webhook`, call it on the client's event loop.
         """
+        # With a shared limiter, the other workers get the event too: one may claim it.
+        return self._deliver(event, relayed=not isinstance(self._limiter, Limiter))
+
+    def _deliver_relayed(self, event: WebhookEvent) -> bool:
+        """An event another worker received: the one that submitted its task claims it."""
+        return self._deliver(event, relayed=True)
+
+    def _deliver(self, event: WebhookEvent, *, relayed: bool) -> bool:
         if not event.terminal:
             return False
         watch = self._watches.get(event.task_id)
         if watch is None:
-            return self._early.add(event)
+            return self._early.add(event, relayed=relayed)
+        if watch.done.is_set() and watch.result is None and has_sample(poll_answer(event)):
+            # Polling gave up on it (a 404 from a regional host, a Ready without a URL...),
+            # but BFL says, signed, where its image is: a later `wait` gets it.
+            logger.info("task %s: a push brings the result its polls did not", watch.task.id)
+            watch.event = event
+            watch.error = None
+            watch.result = _terminal(watch.task, poll_answer(event), 0)
+            return True
         if watch.done.is_set() or watch.event is not None:
             return False
         self._resolve(watch, event)
@@ -870,9 +957,13 @@ class AsyncBFL:
                     if (directory / f"{name}{suffix}").exists():
                         raise OutputExistsError(str(directory / f"{name}{suffix}"))
         watch, queued, submit = await self._submit(spec.name, spec.pool, body, params, on_submitted)
-        result = await self._await(watch, timeout)
-        seen = anyio.current_time()
-        path = await self.download(result, directory, name=name, overwrite=overwrite)
+        try:
+            result = await self._await(watch, timeout)
+            seen = anyio.current_time()
+            path = await self.download(result, directory, name=name, overwrite=overwrite)
+        except anyio.get_cancelled_exc_class():
+            _log_left(watch.task, "generate was cancelled before its image was saved")
+            raise
         done = anyio.current_time()
         return GeneratedImage(
             path=path,

@@ -239,8 +239,10 @@ class APIConnectionError(BFLError):
 class SubmissionUncertainError(BFLError):
     """A submit may or may not have created a (paid) task; it was deliberately not retried.
 
-    BFL has no idempotency key, so nobody can tell from here. `model` and `params` (secrets
-    redacted) let the caller resubmit once they have checked, for example in the dashboard.
+    BFL has no idempotency key, so nobody can tell from here. `model` and `params` let the
+    caller resubmit once they have checked, for example in the dashboard: the parameters as
+    given, in full, but without secrets (pass your own `webhook_secret` again; the client's
+    own webhook is added again by the client).
 
     ```python
     except SubmissionUncertainError as e:

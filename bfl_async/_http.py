@@ -41,7 +41,6 @@ REGIONS: Mapping[str, str] = {
 }
 
 _API_HOST = re.compile(r"^api\.(?:[a-z0-9-]+\.)*bfl\.ai$")
-_LONG_STRING = 256
 _MAX_RETRY_DELAY = 30.0
 
 
@@ -58,21 +57,10 @@ def is_api_host(url: httpx.URL, base_url: httpx.URL) -> bool:
     return url.scheme == "https" and bool(_API_HOST.match(url.host))
 
 
-def redact(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Parameters fit for errors and logs: secrets masked, inline images shortened."""
-    clean: dict[str, Any] = {}
-    for key, value in params.items():
-        if key in SECRET_PARAMS and value is not None:
-            clean[key] = "***"
-        elif isinstance(value, str | bytes) and len(value) > _LONG_STRING:
-            clean[key] = (
-                f"<{len(value)} characters>"
-                if isinstance(value, str)
-                else (f"<{len(value)} bytes>")
-            )
-        else:
-            clean[key] = value
-    return clean
+def resendable(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of a submit, to send again: in full (a shortened prompt would be paid
+    for as it reads), secrets left out (never held in an error)."""
+    return {key: value for key, value in params.items() if key not in SECRET_PARAMS}
 
 
 def retry_delay(base: float, failures: int, retry_after: float | None = None) -> float:
@@ -279,7 +267,7 @@ class API:
         what = f"submit to {model!r}"
 
         def uncertain(reason: str) -> SubmissionUncertainError:
-            return SubmissionUncertainError(reason, model=model, params=redact(params))
+            return SubmissionUncertainError(reason, model=model, params=resendable(params))
 
         try:
             response = await self.request("POST", f"/v1/{model}", json=dict(body))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,9 @@ class Outcome:
 
     index: int
     """The job's position in the requests given to `generate_many`."""
-    request: Mapping[str, Any]
+    request: Mapping[str, Any] = field(repr=False)
+    """The request as given: it may hold a `webhook_secret` and whole images, so never in
+    the repr."""
     image: GeneratedImage | None = None
     error: Exception | None = None
 

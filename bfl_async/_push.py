@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -13,6 +15,8 @@ from ._polling import PollSchedule
 from .webhooks import WebhookEvent
 
 __all__ = ["EarlyEvents", "FirstNow", "Slowed", "poll_answer"]
+
+logger = logging.getLogger("bfl_async")
 
 
 class Slowed:
@@ -43,25 +47,40 @@ class EarlyEvents:
     """Terminal events for tasks the client does not know (yet), kept `ttl` seconds.
 
     A webhook can overtake the submit's answer; the watch started from that answer picks
-    its event up here. At most `size` are kept (the oldest go first).
+    its event up here. At most `size` are kept (the oldest go first). An event that goes
+    unclaimed (expired, evicted, or still kept at `close`) is logged with its result URL:
+    received here, it is the only trace of a task this client never saw accepted, say one
+    whose submit was uncertain, and paid for (WARNING); relayed from another process, that
+    process may well have claimed it (INFO). `clock` is for tests.
     """
 
-    def __init__(self, ttl: float = 120.0, size: int = 4096) -> None:
+    def __init__(
+        self,
+        ttl: float = 120.0,
+        size: int = 4096,
+        *,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
         self.ttl = ttl
         self.size = size
-        self._events: OrderedDict[str, tuple[float, WebhookEvent]] = OrderedDict()
+        self._clock = clock
+        self._events: OrderedDict[str, tuple[float, WebhookEvent, bool]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._events)
 
-    def add(self, event: WebhookEvent) -> bool:
-        """Keep `event`; False if one for its task is kept already (a duplicate)."""
+    def add(self, event: WebhookEvent, *, relayed: bool = False) -> bool:
+        """Keep `event`; False if one for its task is kept already (a duplicate).
+
+        `relayed`: the event came from another process (a shared limiter passes each one to
+        every process), so its going unclaimed here is routine.
+        """
         self._expire()
         if event.task_id in self._events:
             return False
-        self._events[event.task_id] = (anyio.current_time() + self.ttl, event)
+        self._events[event.task_id] = (self._clock() + self.ttl, event, relayed)
         while len(self._events) > self.size:
-            self._events.popitem(last=False)
+            self._drop("was evicted unclaimed (too many kept)")
         return True
 
     def pop(self, task_id: str) -> WebhookEvent | None:
@@ -70,13 +89,45 @@ class EarlyEvents:
         kept = self._events.pop(task_id, None)
         return kept[1] if kept is not None else None
 
-    def _expire(self) -> None:
-        now = anyio.current_time()
+    def close(self) -> None:
+        """Drop every kept event, each logged as unclaimed: the client closes."""
         while self._events:
-            expires, _ = next(iter(self._events.values()))
+            self._drop("was still unclaimed when the client closed")
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._events:
+            expires, _, _ = next(iter(self._events.values()))
             if expires > now:
                 return
-            self._events.popitem(last=False)
+            self._drop(f"expired unclaimed after {self.ttl:g} s")
+
+    def _drop(self, how: str) -> None:
+        _, (_, event, relayed) = self._events.popitem(last=False)
+        sample = event.result.get("sample") if event.result else None
+        url = f", result URL {sample}" if isinstance(sample, str) else ""
+        if relayed:
+            logger.info(
+                "the webhook event of task %s (%s%s), relayed from another process, %s; "
+                "the process that submitted the task most likely claimed it",
+                event.task_id,
+                event.status,
+                url,
+                how,
+            )
+            return
+        logger.warning(
+            "the webhook event of task %s (%s%s) %s: this client never saw that task "
+            "accepted. It may be one whose submit was uncertain (SubmissionUncertainError), "
+            "paid for: check your BFL dashboard%s",
+            event.task_id,
+            event.status,
+            url,
+            how,
+            "; the result URL serves its image for about 10 minutes after the task ended"
+            if url
+            else "",
+        )
 
 
 def poll_answer(event: WebhookEvent) -> dict[str, Any]:

@@ -8,7 +8,6 @@ Each catalog entry gets a pydantic model (built once, cached) with strict types,
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import os
 import re
@@ -29,6 +28,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from ._catalog import (
+    CATALOG,
     SECRET_PARAMS,
     AspectRatioRule,
     DimensionRule,
@@ -39,12 +39,15 @@ from ._catalog import (
     reference_index,
     reference_name,
 )
-from ._download import check_file_name
+from ._download import check_file_name, image_suffix
 from ._errors import ParameterError, Problem
 
 __all__ = ["build_job", "build_request", "encode_image", "estimate_cost", "request_model"]
 
 _RATIO = re.compile(r"([0-9]{1,5}):([0-9]{1,5})")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_HEAD = 32
+"""Base64 characters decoded to read an image's signature: 24 bytes, whole 4-char groups."""
 _NOUNS = {
     "int": "an integer",
     "float": "a number",
@@ -161,7 +164,8 @@ def encode_image(value: Any) -> str:
     """An image parameter as the API takes it: an http(s) URL as is, anything else base64.
 
     Accepts bytes, an os.PathLike or a file path string (the file is read), an http(s)
-    URL, or base64 text.
+    URL, or base64 text of an image. Base64 text must start like an image: many mistyped
+    paths and stray words ("ref/fox1", "none") are valid base64 of junk bytes.
     """
     if isinstance(value, (bytes, bytearray, memoryview)):
         raw = bytes(value)
@@ -175,10 +179,12 @@ def encode_image(value: Any) -> str:
             return value
         if os.path.isfile(value):
             return _read_image(value)
-        if _is_base64(value):
+        if _is_base64(value) and _is_image(base64.b64decode(value[:_HEAD])):
             return value
         raise _custom(
-            "image", f"{_show(value)} is not an http(s) URL, an existing file or valid base64"
+            "image",
+            f"{_show(value)} is not an http(s) URL, an existing file or base64 image data "
+            "(PNG, JPEG, WebP, GIF, BMP, TIFF, AVIF or HEIF)",
         )
     raise _custom("image", f"expected an image, got {type(value).__name__}")
 
@@ -201,14 +207,18 @@ def _read_image(path: str | os.PathLike[Any]) -> str:
 
 
 def _is_base64(text: str) -> bool:
-    """Whether `text` is non-empty, padded, standard-alphabet base64."""
-    if not text:
-        return False
-    try:
-        base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    return True
+    """Whether `text` is non-empty, padded, standard-alphabet base64 (checked, not decoded)."""
+    return bool(text) and len(text) % 4 == 0 and _BASE64.fullmatch(text) is not None
+
+
+def _is_image(head: bytes) -> bool:
+    """Whether `head` starts like an image file: PNG, JPEG, WebP, GIF, BMP, TIFF, AVIF, HEIF."""
+    return (
+        image_suffix(head) is not None
+        or head.startswith((b"GIF87a", b"GIF89a", b"II*\0", b"MM\0*"))
+        or (head[:2] == b"BM" and head[6:10] == bytes(4))
+        or (head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1"))
+    )
 
 
 def _check_ratio(rule: AspectRatioRule, value: str) -> str:
@@ -345,7 +355,11 @@ def build_job(
     """`build_request` for one job of a batch, whose optional `name` (its file name) must
     be a plain string used by no other job in `names`; it is added there."""
     if not isinstance(model, str):
-        raise ParameterError(str(model), [Problem("model", "missing", "a model name")])
+        known = ", ".join(sorted(CATALOG))
+        if model is None:
+            raise ParameterError("(no model)", [Problem("model", "missing", known)])
+        message = f"must be a string, got {type(model).__name__} {_show(model)}"
+        raise ParameterError("(invalid model)", [Problem("model", message, known)])
     spec, body = build_request(model, params)
     if name is not None:
         if not isinstance(name, str):

@@ -78,13 +78,18 @@ def webhook_router(path: str = "/bfl/webhook") -> APIRouter:
     Each delivery is verified with the client's `webhook_secret` and handed to the client,
     which ends the task's watch; nothing else happens in the request, so BFL gets its
     answer at once: 204, 401 for a forged delivery, 400 for a malformed one, 413 for a
-    body over `MAX_WEBHOOK_BYTES`. Duplicate
-    deliveries are answered 204 and change nothing. Point the client's `webhook_url` here.
+    body over `MAX_WEBHOOK_BYTES`, 404 if the client has no webhook (the route is not in
+    use). Duplicate deliveries are answered 204 and change nothing. Point the client's
+    `webhook_url` here.
     """
     router = APIRouter()
 
     @router.post(path, status_code=204, include_in_schema=False)
     async def receive_webhook(request: Request, client: BFLClient) -> Response:
+        if client.webhook_url is None:  # no secret either: nothing could verify a delivery
+            return JSONResponse(
+                {"detail": "webhooks are not enabled on this client"}, status_code=404
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk

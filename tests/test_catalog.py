@@ -84,9 +84,8 @@ def test_get_model_unknown_lists_the_known_names(name: str) -> None:
 def test_derived_parameters() -> None:
     pro = get_model("flux-2-pro").all_params()
     assert [reference_name(i) in pro for i in range(1, 10)] == [True] * 8 + [False]
-    assert {"width", "height", "prompt_upsampling"} <= set(pro)
-    assert "prompt_upsampling" not in get_model("flux-2-klein-4b").all_params()
-    assert {"guidance", "steps"} <= set(get_model("flux-2-flex").all_params())
+    assert {"width", "height"} <= set(pro)
+    assert {"guidance", "steps", "prompt_upsampling"} <= set(get_model("flux-2-flex").all_params())
     kontext = get_model("flux-kontext-max").all_params()
     assert "aspect_ratio" in kontext
     assert "width" not in kontext
@@ -95,6 +94,13 @@ def test_derived_parameters() -> None:
     assert "input_image" not in get_model("flux-pro-1.1").all_params()
     assert get_model("flux-pro-1.0-fill").all_params()["image"].required
     assert not get_model("flux-pro-1.0-fill").all_params()["prompt"].required
+
+
+@pytest.mark.parametrize(
+    "model", ["flux-2-klein-4b", "flux-2-klein-9b", "flux-2-pro", "flux-2-max"]
+)
+def test_prompt_upsampling_is_flex_alone_among_flux2(model: str) -> None:
+    assert "prompt_upsampling" not in get_model(model).all_params()
 
 
 def test_reference_names_round_trip() -> None:

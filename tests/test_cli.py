@@ -103,7 +103,7 @@ CLI = [sys.executable, "-m", "bfl_async.cli"]
 def test_generate_on_the_fake_prints_path_task_seed_and_cost(tmp_path: Path) -> None:
     result = bfl(
         "generate", "flux-2-pro", "a red fox", "--width", "512", "--height", "512",
-        "--seed", "42", "-p", "output_format=png", "-p", "prompt_upsampling=true",
+        "--seed", "42", "-p", "output_format=png",
         "-o", tmp_path, "--fake",
     )  # fmt: skip
     assert result.exit_code == 0, result.output

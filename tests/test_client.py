@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -35,6 +36,7 @@ from bfl_async import (
     TaskNotFoundError,
     UnknownModelError,
     WaitTimeoutError,
+    WebhookEvent,
 )
 from bfl_async.testing import FakeBFL
 
@@ -395,22 +397,24 @@ async def test_submit_that_may_have_created_a_task_is_never_retried(
     client: AsyncBFL, mock: respx.MockRouter, failure: Any, reason: str
 ) -> None:
     submit = mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=[failure, accepted()])
+    prompt = "a fox in the snow, " * 30  # long: resent as it was, not shortened
     with pytest.raises(SubmissionUncertainError) as caught:
         await client.submit(
-            "flux-2-pro", prompt="a fox", webhook_url="https://x.test/hook", webhook_secret="hush"
+            "flux-2-pro", prompt=prompt, webhook_url="https://x.test/hook", webhook_secret="hush"
         )
     assert submit.call_count == 1
     error = caught.value
     assert reason in str(error)
     assert error.model == "flux-2-pro"
-    assert error.params == {
-        "prompt": "a fox",
-        "webhook_url": "https://x.test/hook",
-        "webhook_secret": "***",
-    }
+    # What to resubmit with, once the dashboard shows no task: secrets left out.
+    assert error.params == {"prompt": prompt, "webhook_url": "https://x.test/hook"}
     for text in (str(error), repr(error), repr(error.params)):
         assert "hush" not in text and KEY not in text
     assert client.limiter.in_use() == 0
+    again = await client.submit(error.model, **error.params, webhook_secret="hush")
+    assert again.id == "task-1" and json.loads(submit.calls[-1].request.content) == {
+        "prompt": prompt, "webhook_url": "https://x.test/hook", "webhook_secret": "hush"
+    }  # fmt: skip
 
 
 async def test_rate_limit_retries_are_bounded(mock: respx.MockRouter) -> None:
@@ -737,6 +741,93 @@ async def test_close_waits_for_a_task_that_finishes_within_the_grace(
     assert not [r for r in caplog.records if "still in flight" in r.getMessage()]
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_close_waits_for_a_submit_on_its_way_and_its_task(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    received, gate = anyio.Event(), anyio.Event()
+
+    async def held(request: httpx.Request) -> httpx.Response:
+        received.set()
+        await gate.wait()
+        return accepted()
+
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=held)
+    polls = mock.get(polling_url("task-1")).mock(side_effect=[poll_answer("Pending"), ready()])
+    caplog.set_level(logging.WARNING, logger="bfl_async")
+    tasks: list[Task] = []
+    async with AsyncBFL(**FAST) as client, anyio.create_task_group() as tg:
+
+        async def submit() -> None:
+            tasks.append(await client.submit("flux-2-pro", prompt="x"))
+
+        tg.start_soon(submit)
+        await received.wait()
+        tg.start_soon(client.aclose)  # closing while BFL has not answered yet
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    assert [task.id for task in tasks] == ["task-1"]  # the caller got its paid task
+    assert polls.call_count == 2  # ... and the close waited for it to finish
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_natively_cancelled_submit_keeps_its_paid_task_watched_and_logged(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    received, gate = asyncio.Event(), asyncio.Event()
+
+    async def held(request: httpx.Request) -> httpx.Response:
+        received.set()
+        await gate.wait()
+        return accepted()
+
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=held)
+    mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+    caplog.set_level(logging.WARNING, logger="bfl_async")
+    async with AsyncBFL(**{**FAST, "close_grace": 0.0}) as client:
+        # asyncio.wait_for, a server's shutdown...: a cancellation anyio's shield can't stop.
+        submit = asyncio.ensure_future(client.submit("flux-2-pro", prompt="x"))
+        await received.wait()
+        submit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submit
+        gate.set()
+        await anyio.wait_all_tasks_blocked()
+        assert [task.id for task in client.in_flight] == ["task-1"]  # still watched
+    [warning, *_] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "task-1" in warning and "caller was cancelled" in warning and "polling_url" in warning
+
+
+async def test_a_cancelled_generate_logs_its_paid_task(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    route_task(mock, poll_answer("Pending"))
+    caplog.set_level(logging.WARNING, logger="bfl_async")
+    async with AsyncBFL(**{**FAST, "close_grace": 0.0}) as client:
+        with anyio.move_on_after(0.05):  # a request timeout, a server shutting down...
+            await client.generate("flux-2-pro", prompt="x", output_dir=tmp_path)
+    [warning, *_] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "task-1" in warning and "generate was cancelled" in warning
+    assert "polling_url" in warning and KEY not in warning
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_push_brings_the_result_after_polling_gave_up(mock: respx.MockRouter) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=httpx.Response(404, json={"detail": "x"}))
+    hook = {"webhook_url": "https://app.test/hook", "webhook_secret": "hush"}
+    async with AsyncBFL(**FAST, **hook) as client:
+        task = await client.submit("flux-2-pro", prompt="x")
+        with pytest.raises(TaskNotFoundError):
+            await client.wait(task)
+        event = WebhookEvent(task_id="task-1", status="Ready", result={"sample": signed_url()})
+        assert client.deliver(event)  # signed by BFL: the image is there
+        result = await client.wait(task)
+        assert result.sample == event.result["sample"]  # type: ignore[index]
+        assert not client.deliver(event)  # at-least-once: a duplicate changes nothing
+
+
 # --- downloads -----------------------------------------------------------------------------
 
 
@@ -890,8 +981,11 @@ async def test_generate_many_yields_one_outcome_per_job(
         {"model": "flux-2-pro", "prompt": "e", "name": "a"},
         {"prompt": "no model"},
         {"model": "flux-2-pro", "prompt": "f", "name": 7},
+        {"model": "flux-2-pro", "prompt": "g", "webhook_secret": "hush", "webhook_url": 3},
     ]
     outcomes = [o async for o in client.generate_many(jobs, output_dir=tmp_path)]
+    assert "hush" not in repr(outcomes)  # the request is left out of an Outcome's repr
+    outcomes = [o for o in outcomes if o.index < 7]
     assert sorted(o.index for o in outcomes) == list(range(7))
     by_index = {o.index: o for o in outcomes}
     assert by_index[0].ok and by_index[0].image is not None

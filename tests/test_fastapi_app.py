@@ -222,6 +222,51 @@ async def test_lifespan_dependency_and_router_without_the_example(tmp_path: Path
     assert fake.polls == 0 and fake.webhooks.delivered == 2
 
 
+async def test_the_webhook_route_answers_404_when_the_client_has_no_webhook(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handled: list[bytes] = []
+    monkeypatch.setattr(
+        AsyncBFL, "handle_webhook", lambda self, body, headers: handled.append(body)
+    )
+
+    def make(base_url: str) -> FastAPI:
+        app = FastAPI(lifespan=bfl_lifespan(api_key="bfl-key-never-used"))
+        app.include_router(webhook_router())
+        return app
+
+    body = b'{"task_id": "x", "status": "SUCCESS"}'
+    async with serve(make) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for headers in ({"X-BFL-Signature": "sha256=00"}, sign_webhook(body, SECRET)):
+            answer = await http.post("/bfl/webhook", content=body, headers=headers)
+            assert answer.status_code == 404
+            assert answer.json() == {"detail": "webhooks are not enabled on this client"}
+    assert handled == []  # the client was never asked
+
+
+async def test_the_example_polling_without_webhooks_has_no_webhook_route(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.0)
+
+    def make(base_url: str) -> FastAPI:
+        return create_app(
+            images_dir=tmp_path / "images",
+            api_key=fake.api_key,
+            base_url=fake.base_url,
+            poll_schedule=Backoff(initial=0.01, factor=1.0, maximum=0.01, jitter=0.0),
+            poll_rate=None,
+        )
+
+    body = b'{"task_id": "x", "status": "SUCCESS"}'
+    async with fake, serve(make) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        forged = await http.post("/bfl/webhook", content=body, headers=sign_webhook(body, "x"))
+        assert forged.status_code == 404
+        assert forged.json() == {"detail": "Not Found"}  # no such route
+        with anyio.fail_after(10):
+            image = await http.post("/images", json={"prompt": "a fox"})
+        assert image.status_code == 200 and image.json()["status"] == "ready"
+    assert fake.submits == 1 and fake.polls >= 1 and fake.webhooks.attempts == 0
+
+
 def test_get_client_explains_a_missing_lifespan() -> None:
     request = Request({"type": "http", "state": {}})
     with pytest.raises(RuntimeError, match="bfl_lifespan"):

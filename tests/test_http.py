@@ -1,4 +1,4 @@
-"""The request layer: Retry-After, redaction, a caller's own httpx client, poll schedules."""
+"""The request layer: Retry-After, what errors keep, a caller's own httpx client, poll schedules."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import respx
 
 from bfl_async import AsyncBFL, Backoff, SubmissionUncertainError
-from bfl_async._http import cost_or_none, float_or_none, parse_retry_after, redact
+from bfl_async._http import cost_or_none, float_or_none, parse_retry_after, resendable
 
 from .helpers import API, FAST, KEY, accepted, image, polling_url, ready
 
@@ -40,16 +40,10 @@ def test_retry_after_in_seconds_or_as_an_http_date() -> None:
     assert parse_retry_after(long_ago) == 0.0
 
 
-def test_redaction_masks_secrets_and_shortens_inline_images() -> None:
-    clean = redact(
-        {"prompt": "fox", "webhook_secret": "hush", "input_image": "A" * 5000, "raw": b"x" * 300}
-    )
-    assert clean == {
-        "prompt": "fox",
-        "webhook_secret": "***",
-        "input_image": "<5000 characters>",
-        "raw": "<300 bytes>",
-    }
+def test_what_an_uncertain_submit_offers_to_resend_is_whole_but_for_secrets() -> None:
+    image = "A" * 5000
+    clean = resendable({"prompt": "fox", "webhook_secret": "hush", "input_image": image})
+    assert clean == {"prompt": "fox", "input_image": image}
 
 
 def test_backoff_grows_to_its_cap_with_bounded_jitter() -> None:

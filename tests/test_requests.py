@@ -11,7 +11,7 @@ import pytest
 
 from bfl_async._catalog import CATALOG, DimensionRule, MegapixelPrice, ModelSpec, ParamSpec
 from bfl_async._errors import ParameterError, Problem, UnknownModelError
-from bfl_async._requests import build_request, request_model
+from bfl_async._requests import build_job, build_request, request_model
 
 PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
 PNG_B64 = base64.b64encode(PNG).decode()
@@ -131,6 +131,15 @@ def test_unknown_parameter_lists_the_models_parameters() -> None:
     assert problem.message == "unknown parameter"
     assert problem.allowed == ", ".join(sorted(CATALOG["flux-2-klein-4b"].all_params()))
     assert "prompt_upsampling" not in (problem.allowed or "")
+
+
+@pytest.mark.parametrize("model", ["flux-2-pro", "flux-2-max"])
+def test_prompt_upsampling_is_refused_by_pro_and_max(model: str) -> None:
+    problem = only_problem(model, {"prompt": "x", "prompt_upsampling": True})
+    assert problem.field == "prompt_upsampling"
+    assert problem.message == "unknown parameter"
+    _, body = build_request("flux-2-flex", {"prompt": "x", "prompt_upsampling": True})
+    assert body["prompt_upsampling"] is True
 
 
 def test_input_image_9_on_pro_is_too_many_references() -> None:
@@ -470,9 +479,9 @@ def test_image_directory_and_empty_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("not base64!", "is not an http(s) URL, an existing file or valid base64"),
-        ("fox.png", "is not an http(s) URL, an existing file or valid base64"),
-        ("aGk", "is not an http(s) URL, an existing file or valid base64"),
+        ("not base64!", "is not an http(s) URL, an existing file or base64 image data"),
+        ("fox.png", "is not an http(s) URL, an existing file or base64 image data"),
+        ("aGk", "is not an http(s) URL, an existing file or base64 image data"),
         ("ftp://example.com/a.png", "is not an http(s) URL"),
         ("", "is not an http(s) URL"),
         (b"", "empty"),
@@ -484,6 +493,56 @@ def test_bad_image_values(value: Any, message: str) -> None:
     problem = only_problem("flux-pro-1.0-expand", {"image": value})
     assert problem.field == "image"
     assert message in problem.message
+
+
+@pytest.mark.parametrize("value", ["ref/fox1", "refs/cat", "none", "TODO", "aGVsbG8gd29ybGQ="])
+def test_base64_that_is_no_image_is_refused(value: str) -> None:
+    base64.b64decode(value, validate=True)  # valid base64: a missing path or a stray word
+    problem = only_problem("flux-kontext-pro", {"prompt": "x", "input_image_2": value})
+    assert problem.field == "input_image_2"
+    assert problem.message.startswith(
+        f"{value!r} is not an http(s) URL, an existing file or base64 image data"
+    )
+    assert problem.allowed == "bytes, a file path, an http(s) URL or base64 image data"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        PNG,
+        b"\xff\xd8\xff\xe0\x00\x10JFIF\x00",
+        b"RIFF\x24\x00\x00\x00WEBPVP8 ",
+        b"GIF87a\x01\x00\x01\x00",
+        b"GIF89a\x01\x00\x01\x00",
+        b"BM\x3a\x00\x00\x00\x00\x00\x00\x00\x36\x00\x00\x00",
+        b"II*\x00\x08\x00\x00\x00",
+        b"MM\x00*\x00\x00\x00\x08",
+        b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00",
+        b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00",
+    ],
+)
+def test_base64_images_are_sent_as_is(head: bytes) -> None:
+    for size in (0, 1, 2, 1000):  # short ones, and every padding
+        text = base64.b64encode(head + bytes(size)).decode()
+        _, body = build_request("flux-2-pro", {"prompt": "x", "input_image": text})
+        assert body["input_image"] == text
+
+
+def test_base64_image_check_decodes_only_the_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[int] = []
+    real = base64.b64decode
+
+    def spy(data: Any, *args: Any, **kwargs: Any) -> bytes:
+        decoded.append(len(data))
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(base64, "b64decode", spy)
+    text = base64.b64encode(PNG + bytes(3_000_000)).decode()
+    _, body = build_request("flux-2-pro", {"prompt": "x", "input_image": text})
+    assert body["input_image"] == text
+    assert decoded and max(decoded) <= 64
+    with pytest.raises(ParameterError):  # the rest is still checked: no '!' in base64
+        build_request("flux-2-pro", {"prompt": "x", "input_image": text[:-8] + "!AAAAAAA"})
 
 
 def test_long_bad_image_string_is_shortened_in_the_message() -> None:
@@ -537,3 +596,25 @@ def test_a_webhook_secret_of_the_wrong_type_is_named_not_shown(secret: Any) -> N
     assert "webhook_secret" in message and type(secret).__name__ in message
     assert "TOPSECRET" not in message and "1234567890123" not in message
     assert "TOPSECRET" not in repr(info.value.problems)
+
+
+# --- batch jobs -----------------------------------------------------------------------------
+
+
+def test_a_job_without_a_model_says_missing_and_lists_the_models() -> None:
+    with pytest.raises(ParameterError) as info:
+        build_job(None, None, {"prompt": "x"}, set())
+    assert "None" not in str(info.value)
+    [problem] = info.value.problems
+    assert (problem.field, problem.message) == ("model", "missing")
+    assert problem.allowed == ", ".join(sorted(CATALOG))
+
+
+@pytest.mark.parametrize("model", [["flux-2-pro"], 7, True])
+def test_a_job_whose_model_is_no_string_says_so(model: Any) -> None:
+    with pytest.raises(ParameterError) as info:
+        build_job(model, None, {"prompt": "x"}, set())
+    [problem] = info.value.problems
+    assert problem.field == "model"
+    assert problem.message.startswith(f"must be a string, got {type(model).__name__}")
+    assert problem.allowed == ", ".join(sorted(CATALOG))

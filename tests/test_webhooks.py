@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -226,6 +227,81 @@ async def test_early_events_are_kept_briefly_and_boundedly() -> None:
     expired = EarlyEvents(ttl=-1.0)
     expired.add(event("a"))
     assert expired.pop("a") is None and len(expired) == 0
+
+
+class Clock:
+    """A clock for `EarlyEvents` that moves only when told: expiry without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sample_of(body: bytes) -> str:
+    sample = json.loads(body)["result"]["sample"]
+    assert isinstance(sample, str)
+    return sample
+
+
+def test_an_early_event_expiring_unclaimed_is_logged_with_its_result_url(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bfl_async")
+    clock = Clock()
+    early = EarlyEvents(ttl=120.0, clock=clock)
+    body = payload("paid-7")
+    assert early.add(verify_webhook(body, sign_webhook(body, SECRET), SECRET))
+    assert early.add(event("claimed"))
+    clock.now = 119.0
+    assert early.pop("claimed") is not None  # claimed in time: nothing to say
+    assert caplog.records == []
+    clock.now = 120.0
+    assert early.pop("unknown") is None
+    [record] = caplog.records
+    assert record.name == "bfl_async" and record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "paid-7" in message and "Ready" in message and sample_of(body) in message
+    assert "SubmissionUncertainError" in message and "dashboard" in message
+    assert SECRET not in caplog.text
+    assert len(early) == 0
+
+
+def test_early_events_evicted_or_left_at_close_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bfl_async")
+    early = EarlyEvents(size=1, clock=Clock())
+    first = payload("first")
+    early.add(verify_webhook(first, sign_webhook(first, SECRET), SECRET))
+    early.add(event("failed", "FAILED"))  # the store is full: "first" goes
+    [evicted] = caplog.records
+    assert evicted.levelno == logging.WARNING
+    assert "first" in evicted.getMessage() and "evicted" in evicted.getMessage()
+    assert sample_of(first) in evicted.getMessage()
+    early.close()
+    assert len(early) == 0
+    closed = caplog.records[1]
+    assert closed.levelno == logging.WARNING and "closed" in closed.getMessage()
+    assert "task failed (Error)" in closed.getMessage()
+    assert "result URL" not in closed.getMessage()  # a failed task has none to give
+
+
+def test_a_relayed_early_event_unclaimed_here_is_logged_at_info(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bfl_async")
+    clock = Clock()
+    early = EarlyEvents(ttl=120.0, clock=clock)
+    body = payload("theirs")
+    assert early.add(verify_webhook(body, sign_webhook(body, SECRET), SECRET), relayed=True)
+    clock.now = 121.0
+    assert early.pop("unknown") is None
+    [record] = caplog.records
+    assert record.levelno == logging.INFO  # another process most likely claimed it
+    assert "theirs" in record.getMessage() and sample_of(body) in record.getMessage()
+    assert "relayed" in record.getMessage()
 
 
 # -- the client, against respx -------------------------------------------------------------
@@ -606,6 +682,43 @@ async def test_the_clients_webhook_secret_is_redacted_from_errors(
         with pytest.raises(SubmissionUncertainError) as caught:
             await client.submit("flux-2-pro", prompt="a fox")
     error = caught.value
-    assert error.params["webhook_url"] == HOOK and error.params["webhook_secret"] == "***"
+    # Resubmitted with the same client, its own webhook (and secret) are added again.
+    assert "webhook_url" not in error.params and "webhook_secret" not in error.params
     for text in (str(error), repr(error), repr(error.params), caplog.text):
         assert SECRET not in text
+
+
+@pytest.mark.anyio
+async def test_a_push_for_a_task_whose_submit_was_uncertain_is_not_dropped_silently(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bfl_async")
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=httpx.ReadTimeout("answer lost"))
+    async with hooked() as client:
+        client._early.ttl = 0.0  # kept until the next look, not two minutes
+        with pytest.raises(SubmissionUncertainError):
+            await client.submit("flux-2-pro", prompt="a fox")
+        body = payload("paid-7")  # BFL created the task, and pushes its end
+        client.handle_webhook(body, sign_webhook(body, SECRET))
+        client.deliver(event("later"))  # the next push looks the kept ones over
+    [record] = [r for r in caplog.records if "paid-7" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert sample_of(body) in record.getMessage() and "dashboard" in record.getMessage()
+    assert SECRET not in caplog.text and KEY not in caplog.text
+
+
+@pytest.mark.anyio
+async def test_a_push_nobody_claimed_is_logged_when_the_client_closes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="bfl_async")
+    url = signed_url()
+    ours = WebhookEvent(task_id="ours", status="Ready", result={"sample": url})
+    relayed = WebhookEvent(task_id="theirs", status="Ready", result={"sample": url})
+    async with hooked() as client:
+        assert client.deliver(ours)  # received here: the only trace of a paid task
+        assert client._deliver_relayed(relayed)  # another worker's: it may be claimed there
+    unclaimed = [r for r in caplog.records if "unclaimed when the client closed" in r.getMessage()]
+    assert [(r.args[0], r.levelname) for r in unclaimed] == [  # type: ignore[index]
+        ("ours", "WARNING"), ("theirs", "INFO")
+    ]  # fmt: skip

@@ -65,12 +65,33 @@ def describe_parameter_error(exc: ParameterError) -> str:
 
 
 def parse_param(text: str) -> tuple[str, Any]:
-    """Parse `key=value`; the value is JSON when it parses as JSON (5, true, "x"), else text."""
+    """Parse `key=value`, reading the value as the catalog's kind of parameter `key`.
+
+    Text parameters (prompt, webhook_secret, output_format, image paths…) keep the raw
+    text, less the quotes of a JSON string ("42"); booleans are true or false in any case;
+    numbers are JSON numbers. A value that does not fit its kind, and any value of a
+    parameter the catalog does not know, is JSON when it parses as JSON, else text.
+    """
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ValueError(f"expected key=value, got {text!r}")
-    return key, _json_or_text(raw)
+    kind = _kind(key)
+    if kind == "bool" and raw.strip().lower() in ("true", "false"):
+        return key, raw.strip().lower() == "true"
+    value = _json_or_text(raw)
+    if kind in _TEXT_KINDS and not isinstance(value, str):
+        return key, raw
+    return key, value
+
+
+_TEXT_KINDS = frozenset({"str", "choice", "image", "aspect_ratio"})
+
+
+def _kind(name: str) -> str | None:
+    """The kind of parameter `name` in the catalog; None if unknown or not alike in all models."""
+    kinds = {p.kind for spec in MODELS.values() if (p := spec.all_params().get(name)) is not None}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _json_or_text(raw: str) -> Any:

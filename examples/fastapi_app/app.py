@@ -6,7 +6,8 @@
 - `POST /images` `{"prompt": "a red fox"}`: generates one image, answers with its URL.
 - `POST /images/batch` `{"prompts": [...]}`: many at once, one entry per prompt.
 - `GET /tasks/{task_id}`: pending, ready (with the URL) or failed.
-- `POST /bfl/webhook`: where BFL pushes each task's end (verified, 401 if forged).
+- `POST /bfl/webhook`: where BFL pushes each task's end (verified, 401 if forged); only
+  with webhooks configured.
 - `GET /files/{name}`: the images, served from disk.
 - `GET /health`: ok, and which worker process answered.
 
@@ -74,7 +75,8 @@ def create_app(
     app = FastAPI(
         title="bfl_async example", lifespan=bfl_lifespan(on_submitted=submitted, **client_options)
     )
-    app.include_router(webhook_router(WEBHOOK_PATH))
+    if client_options.get("webhook_url"):  # else it polls, and the route has no use
+        app.include_router(webhook_router(WEBHOOK_PATH))
     app.mount("/files", StaticFiles(directory=images_dir), name="files")
 
     def finished(request: Request, task_id: str, path: Path, seed: int | None) -> dict[str, Any]:
