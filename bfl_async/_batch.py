@@ -169,7 +169,7 @@ class _Job:
     """For a job resubmitted although an earlier submit is uncertain: that submit's error.
     The job stays `uncertain` unless this run's submit got an answer or may have been sent."""
     posting: bool = False
-    """This run journaled `submitting` for it: from then on a POST may be on its way."""
+    """A POST of it has started in this run: from then on it may be paid."""
     post_scope: anyio.CancelScope | None = field(default=None, repr=False)
     """The shielded scope of its POST on its way, for `stop(abandon=True)` to cancel."""
     risk: float = 0.0
@@ -566,8 +566,9 @@ class Batch:
                 # BFL refused it, or it never left: certainly nothing was created.
                 failure = ("failed", exc)
             except Exception as exc:
-                # Before `submitting` nothing was sent (OutputExistsError...); after it, the
-                # POST may have created a task (or BFL accepted it and journaling failed).
+                # Before its POST started nothing was sent (OutputExistsError, a closed
+                # client...); after, it may have created a task (or BFL accepted it and
+                # journaling failed).
                 failure = ("uncertain" if job.posting else "failed", exc)
         job.post_scope = None
         self._unreserve(job)
@@ -620,9 +621,10 @@ class Batch:
         await self._journal.update(job.key, state="submitting", attempts=job.attempts)
         if self._stopping:  # stopped while that was written (no checkpoint comes before the
             raise _Stopped  # POST to cancel it): nothing goes out, the job stays `queued`
-        job.posting = True
 
     def _post_scope(self, job: _Job) -> anyio.CancelScope:
+        """The scope of `job`'s POST, made right before it goes: from now on it may be paid."""
+        job.posting = True
         job.post_scope = anyio.CancelScope(shield=True)
         if self._abandoning:
             job.post_scope.cancel()

@@ -355,7 +355,6 @@ class AsyncBFL:
         self._background: anyio.abc.TaskGroup | None = None  # the watches, inside one task
         self._posts: set[_Post] = set()
         self._closed = False
-        self._gone = False  # closed, and the grace for tasks in flight is over
 
     def __repr__(self) -> str:
         return f"<AsyncBFL base_url={str(self.base_url)!r}>"
@@ -410,7 +409,7 @@ class AsyncBFL:
         return await self._tg.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
-        """Wait up to `close_grace` s for submits on their way and accepted tasks; then close.
+        """Wait for submits on their way, then up to `close_grace` s for accepted tasks; close.
 
         A task still running after that is logged at WARNING with its handle, so it can be
         picked up again with `wait`: a paid task is never dropped silently.
@@ -419,13 +418,13 @@ class AsyncBFL:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
+            # A submit on its way may come back a paid task: its answer is waited for, however
+            # long (the HTTP read timeout bounds it), before the HTTP client closes under it.
+            while self._posts:
+                await next(iter(self._posts)).done.wait()
             with anyio.move_on_after(self._close_grace):
-                # A submit on its way may come back a paid task, to wait for as well.
-                while self._posts:
-                    await next(iter(self._posts)).done.wait()
                 for watch in [w for w in self._watches.values() if not w.done.is_set()]:
                     await watch.done.wait()
-            self._gone = True
             for watch in self._watches.values():
                 if not watch.done.is_set():
                     _log_left(watch.task, "the client closed while it was still in flight")
@@ -556,6 +555,8 @@ class AsyncBFL:
                 post.caller_gone = True
                 if post.watch is not None:
                     _log_left(post.watch.task, "its submit's caller was cancelled")
+                elif isinstance(post.error, SubmissionUncertainError):
+                    logger.warning("%s (its caller was cancelled)", post.error)
                 raise
             if post.error is not None:
                 raise post.error
@@ -623,8 +624,8 @@ class AsyncBFL:
                     held = None
                     if post.caller_gone:
                         _log_left(post.watch.task, "its submit's caller was cancelled")
-                    elif self._gone:
-                        _log_left(post.watch.task, "the client closed while it was submitted")
+                    # Answered: `aclose` (a callback may call it) now waits for the watch.
+                    self._posts.discard(post)
                     await self._notify(post.watch.task, on_submitted, on_accepted)
                 elif posting.cancelled_caught:
                     raise SubmissionUncertainError(

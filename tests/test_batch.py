@@ -669,6 +669,23 @@ async def test_stop_waits_for_a_submit_on_its_way_unless_told_to_abandon_it(
     assert fake.submits == 1
 
 
+@BOTH
+async def test_a_client_closed_before_the_post_leaves_the_job_unpaid(tmp_path: Path) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    async with client_for(fake) as client, client.batch(jobs(1), tmp_path) as batch:
+        journal_it = batch._before_send
+
+        async def then_close(job: _Job) -> None:
+            await journal_it(job)  # `submitting` is journaled...
+            await client.aclose()  # ... and the app shuts the client down before the POST
+
+        batch._before_send = then_close  # type: ignore[method-assign]
+        [record] = [record async for record in batch]
+    assert fake.submits == 0
+    assert record.state == "failed" and batch.at_risk == 0  # resubmitted by the next run
+    assert "closed" in (record.error or "")
+
+
 async def test_a_cancelled_caller_never_skips_a_journal_write(tmp_path: Path) -> None:
     journal = await Journal.open(tmp_path / "j.sqlite")
     try:

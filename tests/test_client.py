@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -802,7 +803,8 @@ async def test_a_natively_cancelled_submit_keeps_its_paid_task_watched_and_logge
 async def test_a_cancelled_generate_logs_its_paid_task(
     mock: respx.MockRouter, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    route_task(mock, poll_answer("Pending"))
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
     caplog.set_level(logging.WARNING, logger="bfl_async")
     async with AsyncBFL(**{**FAST, "close_grace": 0.0}) as client:
         with anyio.move_on_after(0.05):  # a request timeout, a server shutting down...
@@ -826,6 +828,75 @@ async def test_a_push_brings_the_result_after_polling_gave_up(mock: respx.MockRo
         result = await client.wait(task)
         assert result.sample == event.result["sample"]  # type: ignore[index]
         assert not client.deliver(event)  # at-least-once: a duplicate changes nothing
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_close_from_on_submitted_waits_for_the_task_not_its_own_submit(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(side_effect=[poll_answer("Pending"), *[ready()] * 9])
+    caplog.set_level(logging.WARNING, logger="bfl_async")
+    async with AsyncBFL(**{**FAST, "close_grace": math.inf}) as client:
+
+        async def close(task: Task) -> None:
+            await client.aclose()
+
+        with anyio.fail_after(5):  # not for ever: the close waited for the submit calling it
+            await client.submit("flux-2-pro", prompt="x", on_submitted=close)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_close_waits_past_its_grace_for_a_submit_on_its_way(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    received, gate = anyio.Event(), anyio.Event()
+
+    async def held(request: httpx.Request) -> httpx.Response:
+        received.set()
+        await gate.wait()
+        return accepted()
+
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=held)
+    mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+    caplog.set_level(logging.WARNING, logger="bfl_async")
+    tasks: list[Task] = []
+    async with AsyncBFL(**{**FAST, "close_grace": 0.0}) as client, anyio.create_task_group() as tg:
+
+        async def submit() -> None:
+            tasks.append(await client.submit("flux-2-pro", prompt="x"))
+
+        tg.start_soon(submit)
+        await received.wait()
+        tg.start_soon(client.aclose)  # no grace for tasks, but the answer is waited for
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    assert [task.id for task in tasks] == ["task-1"]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "task-1" in warning and "still in flight" in warning  # unfinished: its handle
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_uncertain_submit_whose_caller_was_cancelled_is_logged(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bfl_async")
+    callers: list[asyncio.Future[Task]] = []
+
+    def lost(request: httpx.Request) -> httpx.Response:
+        # Its answer lost, and its caller cancelled before it hears so (asyncio.wait_for).
+        asyncio.get_running_loop().call_soon(callers[0].cancel)
+        raise httpx.ReadTimeout("lost", request=request)
+
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=lost)
+    async with AsyncBFL(**FAST) as client:
+        callers.append(asyncio.ensure_future(client.submit("flux-2-pro", prompt="x")))
+        with pytest.raises(asyncio.CancelledError):
+            await callers[0]
+        assert client.limiter.in_use() == 0
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "may or may not have created a paid task" in warning and "cancelled" in warning
 
 
 # --- downloads -----------------------------------------------------------------------------
