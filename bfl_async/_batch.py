@@ -617,6 +617,7 @@ class Batch:
             self._reserved += job.estimate
             job.reserved = True
         job.attempts += 1
+        job.posting = False  # an earlier attempt was refused or never sent: nothing paid
         assert self._journal is not None
         await self._journal.update(job.key, state="submitting", attempts=job.attempts)
         if self._stopping:  # stopped while that was written (no checkpoint comes before the

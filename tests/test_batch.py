@@ -670,14 +670,20 @@ async def test_stop_waits_for_a_submit_on_its_way_unless_told_to_abandon_it(
 
 
 @BOTH
-async def test_a_client_closed_before_the_post_leaves_the_job_unpaid(tmp_path: Path) -> None:
+@pytest.mark.parametrize("refused_first", [False, True])
+async def test_a_client_closed_before_the_post_leaves_the_job_unpaid(
+    refused_first: bool, tmp_path: Path
+) -> None:
     fake = FakeBFL(generation_time=0.01)
+    if refused_first:
+        fake.fail_next("submit", "503")  # refused: nothing created, the submit is retried
     async with client_for(fake) as client, client.batch(jobs(1), tmp_path) as batch:
         journal_it = batch._before_send
 
         async def then_close(job: _Job) -> None:
             await journal_it(job)  # `submitting` is journaled...
-            await client.aclose()  # ... and the app shuts the client down before the POST
+            if job.attempts == 1 + refused_first:
+                await client.aclose()  # ... and the app shuts the client down before the POST
 
         batch._before_send = then_close  # type: ignore[method-assign]
         [record] = [record async for record in batch]
