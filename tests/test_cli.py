@@ -729,6 +729,23 @@ def test_a_rerun_finds_named_images_it_saved_itself(tmp_path: Path) -> None:
     assert ", 0 images/min" in result.stdout  # nothing new was made by this run
 
 
+def batch_with_3_submitted(
+    fake: FakeBFL, jobs: Path, out: Path, *options: str
+) -> subprocess.Popen[bytes]:
+    """`bfl batch` in a process of its own, on `fake`, once 3 submits reached it."""
+    process = subprocess.Popen(
+        [*CLI, "batch", str(jobs), "-o", str(out), "--base-url", fake.base_url,
+         "--concurrency", "3", *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=subprocess_env(BFL_API_KEY=KEY),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while fake.submits < 3:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.005)
+    return process
+
+
 @pytest.mark.parametrize("signals", [1, 2], ids=["grace", "second-signal"])
 def test_sigint_stops_submits_waits_for_paid_tasks_and_says_how_to_resume(
     signals: int, start_fake: StartFake, tmp_path: Path
@@ -737,16 +754,7 @@ def test_sigint_stops_submits_waits_for_paid_tasks_and_says_how_to_resume(
     fake.generation_time = 0.5 if signals == 1 else 3600.0
     jobs = small_batch(tmp_path, count=8)
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [*CLI, "batch", str(jobs), "-o", str(out), "--base-url", fake.base_url,
-         "--concurrency", "3", "--grace", "30"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=subprocess_env(BFL_API_KEY=KEY),
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while fake.submits < 3:
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.005)
+    process = batch_with_3_submitted(fake, jobs, out, "--grace", "30")
     for _ in range(signals):
         process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
@@ -776,16 +784,7 @@ def test_a_third_sigint_abandons_a_submit_bfl_holds(start_fake: StartFake, tmp_p
     fake.fail_next("submit", "slow")  # BFL never answers the first submit
     jobs = small_batch(tmp_path, count=5)
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [*CLI, "batch", str(jobs), "-o", str(out), "--base-url", fake.base_url,
-         "--concurrency", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=subprocess_env(BFL_API_KEY=KEY),
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while fake.submits < 3:
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.005)
+    process = batch_with_3_submitted(fake, jobs, out)
     assert process.stderr is not None
     for said in ("no new submits", "press Ctrl-C again to abandon it"):
         process.send_signal(signal.SIGINT)  # each one heard before the next: none merge

@@ -742,22 +742,34 @@ async def test_close_waits_for_a_task_that_finishes_within_the_grace(
     assert not [r for r in caplog.records if "still in flight" in r.getMessage()]
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-async def test_close_waits_for_a_submit_on_its_way_and_its_task(
-    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
-) -> None:
-    received, gate = anyio.Event(), anyio.Event()
+def held_submit(mock: respx.MockRouter) -> tuple[anyio.Event, anyio.Event]:
+    """Route the submit so that BFL holds its answer: (received, release)."""
+    received, release = anyio.Event(), anyio.Event()
 
     async def held(request: httpx.Request) -> httpx.Response:
         received.set()
-        await gate.wait()
+        await release.wait()
         return accepted()
 
     mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=held)
-    polls = mock.get(polling_url("task-1")).mock(side_effect=[poll_answer("Pending"), ready()])
+    return received, release
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("finishes", [True, False], ids=["task-ends", "task-runs-on"])
+async def test_close_waits_for_a_submit_on_its_way_whatever_its_grace(
+    finishes: bool, mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    received, release = held_submit(mock)
+    answers = [poll_answer("Pending"), ready()] if finishes else [poll_answer("Pending")] * 99
+    polls = mock.get(polling_url("task-1")).mock(side_effect=answers)
     caplog.set_level(logging.WARNING, logger="bfl_async")
     tasks: list[Task] = []
-    async with AsyncBFL(**FAST) as client, anyio.create_task_group() as tg:
+    grace = FAST["close_grace"] if finishes else 0.0
+    async with (
+        AsyncBFL(**{**FAST, "close_grace": grace}) as client,
+        anyio.create_task_group() as tg,
+    ):
 
         async def submit() -> None:
             tasks.append(await client.submit("flux-2-pro", prompt="x"))
@@ -766,24 +778,21 @@ async def test_close_waits_for_a_submit_on_its_way_and_its_task(
         await received.wait()
         tg.start_soon(client.aclose)  # closing while BFL has not answered yet
         await anyio.wait_all_tasks_blocked()
-        gate.set()
+        release.set()
     assert [task.id for task in tasks] == ["task-1"]  # the caller got its paid task
-    assert polls.call_count == 2  # ... and the close waited for it to finish
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if finishes:  # ... and the close waited for it to finish
+        assert polls.call_count == 2 and not warnings
+    else:  # no grace for the task, but its submit's answer was waited for: its handle
+        [warning] = warnings
+        assert "task-1" in warning and "still in flight" in warning
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_natively_cancelled_submit_keeps_its_paid_task_watched_and_logged(
     mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    received, gate = asyncio.Event(), asyncio.Event()
-
-    async def held(request: httpx.Request) -> httpx.Response:
-        received.set()
-        await gate.wait()
-        return accepted()
-
-    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=held)
+    received, release = held_submit(mock)
     mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
     caplog.set_level(logging.WARNING, logger="bfl_async")
     async with AsyncBFL(**{**FAST, "close_grace": 0.0}) as client:
@@ -793,7 +802,7 @@ async def test_a_natively_cancelled_submit_keeps_its_paid_task_watched_and_logge
         submit.cancel()
         with pytest.raises(asyncio.CancelledError):
             await submit
-        gate.set()
+        release.set()
         await anyio.wait_all_tasks_blocked()
         assert [task.id for task in client.in_flight] == ["task-1"]  # still watched
     [warning, *_] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -845,36 +854,6 @@ async def test_close_from_on_submitted_waits_for_the_task_not_its_own_submit(
         with anyio.fail_after(5):  # not for ever: the close waited for the submit calling it
             await client.submit("flux-2-pro", prompt="x", on_submitted=close)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-async def test_close_waits_past_its_grace_for_a_submit_on_its_way(
-    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
-) -> None:
-    received, gate = anyio.Event(), anyio.Event()
-
-    async def held(request: httpx.Request) -> httpx.Response:
-        received.set()
-        await gate.wait()
-        return accepted()
-
-    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=held)
-    mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
-    caplog.set_level(logging.WARNING, logger="bfl_async")
-    tasks: list[Task] = []
-    async with AsyncBFL(**{**FAST, "close_grace": 0.0}) as client, anyio.create_task_group() as tg:
-
-        async def submit() -> None:
-            tasks.append(await client.submit("flux-2-pro", prompt="x"))
-
-        tg.start_soon(submit)
-        await received.wait()
-        tg.start_soon(client.aclose)  # no grace for tasks, but the answer is waited for
-        await anyio.wait_all_tasks_blocked()
-        gate.set()
-    assert [task.id for task in tasks] == ["task-1"]
-    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert "task-1" in warning and "still in flight" in warning  # unfinished: its handle
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
