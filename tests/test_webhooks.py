@@ -245,14 +245,19 @@ def sample_of(body: bytes) -> str:
     return sample
 
 
+def url_of(ready: WebhookEvent) -> str:
+    assert ready.result is not None and isinstance(ready.result["sample"], str)
+    return ready.result["sample"]
+
+
 def test_an_early_event_expiring_unclaimed_is_logged_with_its_result_url(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="bfl_async")
     clock = Clock()
     early = EarlyEvents(ttl=120.0, clock=clock)
-    body = payload("paid-7")
-    assert early.add(verify_webhook(body, sign_webhook(body, SECRET), SECRET))
+    paid = event("paid-7")
+    assert early.add(paid)
     assert early.add(event("claimed"))
     clock.now = 119.0
     assert early.pop("claimed") is not None  # claimed in time: nothing to say
@@ -262,7 +267,7 @@ def test_an_early_event_expiring_unclaimed_is_logged_with_its_result_url(
     [record] = caplog.records
     assert record.name == "bfl_async" and record.levelno == logging.WARNING
     message = record.getMessage()
-    assert "paid-7" in message and "Ready" in message and sample_of(body) in message
+    assert "paid-7" in message and "Ready" in message and url_of(paid) in message
     assert "SubmissionUncertainError" in message and "dashboard" in message
     assert SECRET not in caplog.text
     assert len(early) == 0
@@ -273,13 +278,13 @@ def test_early_events_evicted_or_left_at_close_are_logged(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="bfl_async")
     early = EarlyEvents(size=1, clock=Clock())
-    first = payload("first")
-    early.add(verify_webhook(first, sign_webhook(first, SECRET), SECRET))
+    first = event("first")
+    early.add(first)
     early.add(event("failed", "FAILED"))  # the store is full: "first" goes
     [evicted] = caplog.records
     assert evicted.levelno == logging.WARNING
     assert "first" in evicted.getMessage() and "evicted" in evicted.getMessage()
-    assert sample_of(first) in evicted.getMessage()
+    assert url_of(first) in evicted.getMessage()
     early.close()
     assert len(early) == 0
     closed = caplog.records[1]
@@ -294,13 +299,13 @@ def test_a_relayed_early_event_unclaimed_here_is_logged_at_info(
     caplog.set_level(logging.DEBUG, logger="bfl_async")
     clock = Clock()
     early = EarlyEvents(ttl=120.0, clock=clock)
-    body = payload("theirs")
-    assert early.add(verify_webhook(body, sign_webhook(body, SECRET), SECRET), relayed=True)
+    theirs = event("theirs")
+    assert early.add(theirs, relayed=True)
     clock.now = 121.0
     assert early.pop("unknown") is None
     [record] = caplog.records
     assert record.levelno == logging.INFO  # another process most likely claimed it
-    assert "theirs" in record.getMessage() and sample_of(body) in record.getMessage()
+    assert "theirs" in record.getMessage() and url_of(theirs) in record.getMessage()
     assert "relayed" in record.getMessage()
 
 
