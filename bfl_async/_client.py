@@ -411,8 +411,10 @@ class AsyncBFL:
     async def aclose(self) -> None:
         """Wait for submits on their way, then up to `close_grace` s for accepted tasks; close.
 
-        A task still running after that is logged at WARNING with its handle, so it can be
-        picked up again with `wait`: a paid task is never dropped silently.
+        A task left to a webhook is polled at once and then on the normal schedule: the
+        server that hears pushes most likely stops with the client. A task still running
+        after that is logged at WARNING with its handle, so it can be picked up again with
+        `wait`: a paid task is never dropped silently.
         """
         if self._closed:
             return
@@ -422,6 +424,9 @@ class AsyncBFL:
             # long (the HTTP read timeout bounds it), before the HTTP client closes under it.
             while self._posts:
                 await next(iter(self._posts)).done.wait()
+            for watch in self._watches.values():
+                if watch.pushed and watch.event is None:
+                    watch.polling.cancel()
             with anyio.move_on_after(self._close_grace):
                 for watch in [w for w in self._watches.values() if not w.done.is_set()]:
                     await watch.done.wait()
@@ -684,8 +689,14 @@ class AsyncBFL:
 
     async def _run_watch(self, watch: _Watch) -> None:
         try:
-            with watch.polling:  # cancelled by a webhook event, see `deliver`
+            with watch.polling:  # cancelled by a webhook event (`deliver`) or by `aclose`
                 watch.result = await self._poll(watch, self._slowed if watch.pushed else None)
+            if watch.result is None and watch.event is None:
+                # The client closes, and with it most likely the server that hears pushes:
+                # a task left to them is polled at once, then on the normal schedule.
+                watch.polling = anyio.CancelScope()
+                with watch.polling:
+                    watch.result = await self._poll(watch, FirstNow(self._schedule))
             if watch.result is None and watch.event is not None:
                 answer = poll_answer(watch.event)
                 if answer["status"] == "Ready" and not has_sample(answer):

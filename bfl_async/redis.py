@@ -30,6 +30,7 @@ import anyio
 
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio.connection import parse_url
     from redis.exceptions import RedisError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -61,11 +62,19 @@ def redact_url(url: str) -> str:
     if any(key == "password" for key, _ in pairs):
         hidden = [(key, "***" if key == "password" else value) for key, value in pairs]
         query = urlencode(hidden, safe="*")
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url
-    # Put together as written (urlunsplit would turn unix:///path into unix:/path).
-    shown = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
-    return shown + (f"#{parts.fragment}" if parts.fragment else "")
+    shown = url
+    if (netloc, query) != (parts.netloc, parts.query):
+        # Put together as written (urlunsplit would turn unix:///path into unix:/path).
+        shown = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+        shown += f"#{parts.fragment}" if parts.fragment else ""
+    # A password with an unencoded / ? or # (a base64 key, say) ends the host early for
+    # urlsplit and redis-py: the last @ is where its writer meant the password to end.
+    scheme, _, rest = shown.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user = userinfo.partition(":")[0]
+    if at and ":" in userinfo and userinfo != f"{user}:***":
+        shown = f"{scheme}://{user}:***@{host}"
+    return shown
 
 
 @dataclass(eq=False)
@@ -150,6 +159,13 @@ class RedisLimiter:
             raise ValueError(
                 f"not a Redis URL: {redact_url(url)!r} (redis://[:password@]host[:port][/db])"
             )
+        try:
+            parse_url(url)
+        except ValueError:  # its message may quote a piece of the password
+            raise ValueError(
+                f"cannot read the Redis URL {redact_url(url)!r}: percent-encode any of "
+                "/ ? # @ : in its password"
+            ) from None
         if lease_ttl <= 0 or ticket_ttl <= 0:
             raise ValueError("lease_ttl and ticket_ttl must be positive numbers of seconds")
         merged = {**DEFAULT_LIMITS, **(limits or {})}
@@ -181,7 +197,9 @@ class RedisLimiter:
         self._poll_script: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._users = 0
-        self._starting = asyncio.Lock()  # a second user waits for the first one's connect
+        # start() and aclose() one at a time: a second user waits for the first one's
+        # connect, a new one for the last one's close (which would stop its loops).
+        self._starting = asyncio.Lock()
         self._down = False
         self._closing = False
         self.lost_leases = 0
@@ -250,20 +268,21 @@ class RedisLimiter:
 
         Slots still held stay leased until their TTL: their tasks may still be running.
         """
-        if self._users == 0:
-            return
-        self._users -= 1
-        if self._users > 0:
-            return
-        self._fail_waiters(RuntimeError("the limiter was closed"))
-        if self._ops is not None and not self._down:
-            with anyio.move_on_after(self._connect_timeout):
-                await self._ops.join()
-        await self._stop()
-        self._poll_script = None
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        async with self._starting:
+            if self._users == 0:
+                return
+            self._users -= 1
+            if self._users > 0:
+                return
+            self._fail_waiters(RuntimeError("the limiter was closed"))
+            if self._ops is not None and not self._down:
+                with anyio.move_on_after(self._connect_timeout):
+                    await self._ops.join()
+            await self._stop()
+            self._poll_script = None
+            if self._redis is not None:
+                await self._redis.aclose()
+                self._redis = None
 
     async def _stop(self) -> None:
         """End the background loops, for sure: a cancellation can be lost (redis-py has had

@@ -315,6 +315,22 @@ def test_the_password_is_hidden_wherever_redis_reads_it(url: str, shown: str) ->
     assert redact_url(url) in repr(RedisLimiter(url))
 
 
+@pytest.mark.parametrize("password", ["s3cr/et+Key=", "s3cr?et", "s3cr#et", "123/s3cret"])
+def test_a_password_with_unencoded_url_characters_is_hidden_too(password: str) -> None:
+    """An Azure key is base64 (`/`, `+`, `=`), and people paste it as it is: urlsplit and
+    redis-py then end the host at its `/`, and used to show the password as the URL."""
+    url = f"redis://:{password}@cache.example.com:6380/0"
+    assert redact_url(url) == "redis://:***@cache.example.com:6380/0"
+    try:
+        limiter = RedisLimiter(url)
+    except ValueError as exc:  # redis-py cannot read it: said so, without the password
+        shown = str(exc)
+        assert "percent-encode" in shown and exc.__cause__ is None
+    else:  # "123" reads as a port: it fails at start, with the redacted URL
+        shown = repr(limiter) + limiter.url
+    assert "s3cr" not in shown and "cache.example.com:6380" in shown
+
+
 async def test_two_clients_entered_together_share_one_connected_limiter(
     redis: RedisServer,
 ) -> None:
@@ -330,6 +346,42 @@ async def test_two_clients_entered_together_share_one_connected_limiter(
         tg.start_soon(use)
         tg.start_soon(use)
     assert fake.submits == 2
+
+
+async def test_a_client_entering_while_the_last_one_closes_gets_a_running_limiter(
+    redis: RedisServer,
+) -> None:
+    """Clients made per request around one shared limiter: the last one's `aclose()` (still
+    flushing a release) and the next one's `start()` used to overlap, and the close stopped
+    the loops and closed the connection the start had just made: every submit then failed
+    with "start the RedisLimiter first"."""
+    limiter = RedisLimiter(redis.url, namespace="t")
+    await limiter.start()
+    slot = await limiter.acquire("standard")
+    flushing, go_on = anyio.Event(), anyio.Event()
+    drop = limiter._scripts["DROP"]
+
+    async def slow_drop(**kwargs: Any) -> Any:
+        flushing.set()
+        await go_on.wait()
+        return await drop(**kwargs)
+
+    limiter._scripts["DROP"] = slow_drop
+    slot.release()  # the close flushes it
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limiter.aclose)
+        await flushing.wait()
+        tg.start_soon(limiter.start)
+        with anyio.move_on_after(0.3):  # the start connects meanwhile (or waits its turn)
+            await eventually(lambda: limiter._users == 1)
+        go_on.set()
+    try:
+        with anyio.fail_after(5):
+            (await limiter.acquire("standard")).release()
+        assert (await limiter.usage())[0] <= 1
+    finally:
+        await limiter.aclose()
+    assert limiter._tasks == [] and limiter._redis is None
 
 
 async def test_bfl_limiter_url_selects_the_redis_limiter(

@@ -459,6 +459,23 @@ async def test_a_pushed_ready_without_result_is_polled_at_once(mock: respx.MockR
     assert result.seed == 11 and poll.call_count == 1
 
 
+@BOTH
+@pytest.mark.anyio
+async def test_a_task_left_to_a_webhook_is_polled_at_once_when_the_client_closes(
+    mock: respx.MockRouter,
+) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    poll = mock.get(polling_url("task-1")).mock(return_value=ready(seed=5))
+    async with hooked(close_grace=2.0) as client:
+        task = await client.submit("flux-2-pro", prompt="a fox")
+        started = anyio.current_time()
+    # Its push will not come (the server hearing them stops too), and its slowed first poll
+    # would be 10 s away: closing polls it now and keeps the result.
+    assert anyio.current_time() - started < 1.5
+    assert poll.call_count == 1
+    assert client._watches[task.id].outcome().seed == 5
+
+
 @pytest.mark.anyio
 async def test_non_terminal_and_forged_deliveries_change_nothing(mock: respx.MockRouter) -> None:
     mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
