@@ -74,17 +74,32 @@ def url_expiry(url: str) -> float | None:
 
 
 def check_file_name(model: str, name: str) -> None:
-    """Refuse a file name that could leave its directory or confuse a file system."""
+    """Refuse a file name that could leave its directory or confuse a file system.
+
+    Its length is counted in bytes, as file systems count it (at most 255 a name), with room
+    for `<name>.<random>.part`: 200 CJK characters are 600 bytes.
+    """
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeEncodeError:  # a lone surrogate: no file can be named with it
+        size = None
     if (
         name in ("", ".", "..")
         or Path(name).name != name
         or "\\" in name
-        or len(name) > 200
+        or size is None
+        or size > 200
         or any(ord(c) < 32 or ord(c) == 127 for c in name)
     ):
         raise ParameterError(
             model,
-            [Problem("name", f"{name!r} is not a plain file name", "a name without / or \\")],
+            [
+                Problem(
+                    "name",
+                    f"{name!r} is not a plain file name",
+                    "a name without / or \\, of at most 200 bytes",
+                )
+            ],
         )
 
 
@@ -222,26 +237,35 @@ class Downloader:
         logger.info("download of task %s broke (%s); retrying in %.1fs", result.task.id, exc, delay)
         await anyio.sleep(delay)
 
-    def _failed(self, result: Result, exc: _Broken) -> DownloadError:
+    def _failed(self, result: Result, exc: _Broken, attempts: int) -> DownloadError:
         return DownloadError(
             f"downloading the image of task {result.task.id} failed after "
-            f"{self._attempts} attempts ({exc}); the result is kept: call "
+            f"{attempts} attempt{'s' if attempts > 1 else ''} ({exc}); the result is kept: call "
             "client.download(result, ...) again while its URL is valid",
             task=result.task,
         )
 
     async def stream(self, result: Result) -> AsyncGenerator[bytes, None]:
-        """Yield the image's bytes; a broken transfer raises (bytes already went out)."""
-        try:
-            async with contextlib.aclosing(self.chunks(result)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        except _Broken as exc:
-            raise DownloadError(
-                f"the image of task {result.task.id} arrived incomplete ({exc}); "
-                "stream it again while its URL is valid",
-                task=result.task,
-            ) from None
+        """Yield the image's bytes; a transfer broken before the first byte went out is
+        tried again, one broken after it raises (those bytes cannot be taken back)."""
+        for attempt in range(1, self._attempts + 1):
+            sent = False
+            try:
+                async with contextlib.aclosing(self.chunks(result)) as chunks:
+                    async for chunk in chunks:
+                        sent = True
+                        yield chunk
+                return
+            except _Broken as exc:
+                if sent:
+                    raise DownloadError(
+                        f"the image of task {result.task.id} arrived incomplete ({exc}); "
+                        "stream it again while its URL is valid",
+                        task=result.task,
+                    ) from None
+                if attempt == self._attempts:
+                    raise self._failed(result, exc, attempt) from None
+                await self._pause(result, exc, attempt)
 
     async def to_file(self, result: Result, file: BinaryIO) -> int:
         """Write the image into a binary file object; return the number of bytes."""
@@ -255,10 +279,12 @@ class Downloader:
                         written += len(chunk)
                 return written
             except _Broken as exc:
-                if start is None or attempt == self._attempts:
-                    raise self._failed(result, exc) from None
-                file.seek(start)
-                file.truncate()
+                # Bytes written to a file that cannot be rewound cannot be taken back.
+                if (start is None and written) or attempt == self._attempts:
+                    raise self._failed(result, exc, attempt) from None
+                if start is not None:
+                    file.seek(start)
+                    file.truncate()
                 await self._pause(result, exc, attempt)
         raise AssertionError("unreachable")
 
@@ -301,7 +327,7 @@ class Downloader:
             except _Broken as exc:
                 _discard(file, part)
                 if attempt == self._attempts:
-                    raise self._failed(result, exc) from None
+                    raise self._failed(result, exc, attempt) from None
                 await self._pause(result, exc, attempt)
             except BaseException:
                 _discard(file, part)

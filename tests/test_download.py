@@ -14,8 +14,21 @@ import httpx
 import pytest
 import respx
 
-from bfl_async import DownloadError, DownloadRefusedError, OutputExistsError, Result, Task
-from bfl_async._download import Downloader, _write_block, image_suffix, url_expiry
+from bfl_async import (
+    DownloadError,
+    DownloadRefusedError,
+    OutputExistsError,
+    ParameterError,
+    Result,
+    Task,
+)
+from bfl_async._download import (
+    Downloader,
+    _write_block,
+    check_file_name,
+    image_suffix,
+    url_expiry,
+)
 
 from .helpers import DELIVERY, PNG, image, signed_url
 
@@ -97,11 +110,73 @@ async def test_an_unseekable_file_object_cannot_be_retried(
             self.data += b
             return len(b)
 
-    short = httpx.Response(200, content=PNG[:10], headers={"content-length": str(len(PNG))})
+    short = httpx.Response(200, content=PNG[:100], headers={"content-length": str(len(PNG))})
     route = mock.get(DELIVERY).mock(side_effect=[short, image()])
-    with pytest.raises(DownloadError, match="truncated"):
-        await downloader.to_file(result_for(signed_url()), Pipe())  # type: ignore[arg-type]
-    assert route.call_count == 1
+    pipe = Pipe()
+    with pytest.raises(DownloadError, match=r"after 1 attempt \(truncated"):
+        await downloader.to_file(result_for(signed_url()), pipe)  # type: ignore[arg-type]
+    assert route.call_count == 1 and pipe.data == PNG[:100]  # the bytes already went out
+
+
+async def test_an_unseekable_file_object_is_retried_until_its_first_byte(
+    mock: respx.MockRouter, downloader: Downloader
+) -> None:
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: bytes) -> int:  # type: ignore[override]
+            self.data += b
+            return len(b)
+
+    busy = httpx.Response(503, headers={"Retry-After": "0"})
+    route = mock.get(DELIVERY).mock(side_effect=[busy, httpx.ConnectError("x"), image()])
+    pipe = Pipe()
+    assert await downloader.to_file(result_for(signed_url()), pipe) == len(PNG)  # type: ignore[arg-type]
+    assert pipe.data == PNG and route.call_count == 3
+
+
+async def test_a_stream_is_retried_until_its_first_byte_goes_out(
+    mock: respx.MockRouter, downloader: Downloader
+) -> None:
+    route = mock.get(DELIVERY).mock(
+        side_effect=[httpx.Response(500), httpx.ConnectError("x"), image()]
+    )
+    chunks = [chunk async for chunk in downloader.stream(result_for(signed_url()))]
+    assert b"".join(chunks) == PNG and route.call_count == 3
+    # Once bytes went out, a new attempt would send them twice: the break is the caller's.
+    mock.reset()
+    route = mock.get(DELIVERY).mock(
+        side_effect=[httpx.Response(200, stream=_BreaksAfterFirstChunk()), image()]
+    )
+    got = bytearray()
+    with pytest.raises(DownloadError, match="incomplete"):
+        async for chunk in downloader.stream(result_for(signed_url())):
+            got += chunk
+    assert got == PNG[:50] and route.call_count == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["图" * 100, "é" * 130, "x\ud800"], ids=["cjk", "accents", "surrogate"]
+)
+def test_a_name_no_file_system_can_hold_is_refused_before_anything_is_paid(name: str) -> None:
+    # At most 200 characters, but more bytes than a file name holds (255), or none at all
+    # (a lone surrogate): the download, after the submit, would fail.
+    with pytest.raises(ParameterError, match="not a plain file name"):
+        check_file_name("m", name)
+
+
+@pytest.mark.parametrize("name", ["a" * 200, "图" * 66], ids=["ascii", "cjk"])
+async def test_the_longest_names_allowed_can_be_saved(
+    name: str, mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    check_file_name("m", name)
+    mock.get(DELIVERY).mock(return_value=image())
+    path = await downloader.to_directory(result_for(signed_url()), tmp_path, name, overwrite=False)
+    assert path.name == f"{name}.png" and path.read_bytes() == PNG
 
 
 async def test_without_hard_links_the_file_is_still_placed_atomically(

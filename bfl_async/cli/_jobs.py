@@ -167,7 +167,7 @@ def _check_name(job: Job, seen: dict[str, int], output_dir: Path | None, overwri
     except ParameterError:
         raise ValueError(
             f'"name" {name!r} must be a plain file name: no / or \\, no control '
-            "characters, at most 200 characters"
+            "characters, at most 200 bytes (UTF-8)"
         ) from None
     if name in seen:
         raise ValueError(f'"name" {name!r} is already used on line {seen[name]}')
