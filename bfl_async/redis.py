@@ -202,6 +202,7 @@ class RedisLimiter:
         self._starting = asyncio.Lock()
         self._down = False
         self._closing = False
+        self._undropped: dict[str, str] = {}  # releases Redis missed: lease -> its pools
         self.lost_leases = 0
         """Leases found expired while their task was still watched (then put back)."""
 
@@ -538,6 +539,10 @@ class RedisLimiter:
                 logger.exception("renewing the leases in Redis failed")
                 continue
             self._back()
+            # Releases lost while Redis was away, sent again: their slots would otherwise
+            # stay taken until their leases' TTL.
+            while self._undropped:
+                self._enqueue("DROP", *self._undropped.popitem())
             # A slot released, or a ticket granted and released, while this call was on
             # its way was put back by it: take it away again.
             for stale in [*lost, *requeued]:
@@ -568,8 +573,10 @@ class RedisLimiter:
                 else:
                     await self._scripts[op](args=[self.namespace, *args])
             except (RedisError, OSError) as exc:
-                # A lost release comes back with its lease's TTL; a lost claim with the
-                # next heartbeat.
+                # A lost release is sent again after the next heartbeat that gets through;
+                # a lost claim comes back with that heartbeat itself.
+                if op == "DROP":
+                    self._undropped[args[0]] = args[1]
                 self._outage(exc, "updating a slot")
             except Exception:
                 logger.exception("updating a slot in Redis failed (%s)", op)

@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bfl_async import AsyncBFL, Backoff, LimiterUnavailableError, ModerationError, sign_webhook
 from bfl_async.redis import RedisLimiter, RedisPollBudget, redact_url
@@ -589,6 +590,30 @@ async def test_a_heartbeat_prepared_before_a_grant_does_not_queue_the_ticket_aga
         for stale in requeued:  # what the heartbeat loop does with it
             a._enqueue("DROP", stale, "standard,kontext-max")
         await eventually(lambda: _waiting(a, 0))
+
+
+async def test_a_release_redis_missed_is_sent_again_after_the_next_heartbeat(
+    redis: RedisServer,
+) -> None:
+    """A release lost to a Redis blip would keep its slot taken for the lease's whole TTL
+    (here 60 s): it goes again once a heartbeat gets through (every 0.1 s here)."""
+    async with limiters(redis, 1, limits={"standard": 1}, lease_ttl=60.0, ticket_ttl=0.3) as (a,):
+        drop, failed = a._scripts["DROP"], []
+
+        async def flaky(**kwargs: Any) -> Any:
+            if not failed:
+                failed.append(True)
+                raise RedisConnectionError("a blip")
+            return await drop(**kwargs)
+
+        a._scripts["DROP"] = flaky
+        slot = await a.acquire("standard")
+        slot.accepted()
+        slot.release()
+        await eventually(lambda: failed)
+        await eventually(lambda: _taken(a, 0))
+        again = await a.acquire("standard")  # the slot is free for the next submit
+        again.release()
 
 
 async def test_closing_ends_a_loop_whose_cancellation_was_lost(redis: RedisServer) -> None:
