@@ -148,9 +148,9 @@ class Downloader:
     def _refuse(self, result: Result, why: str) -> DownloadRefusedError:
         return DownloadRefusedError(
             f"the result of task {result.task.id} was refused: {why}; nothing was saved. "
-            "The task's handle is kept: fetch it again with client.wait(task) and "
-            "client.download() while its URL is valid",
+            "Download e.result again with client.download() while its URL is valid",
             task=result.task,
+            result=result,
         )
 
     def _check_size(self, result: Result, size: int) -> None:
@@ -240,9 +240,10 @@ class Downloader:
     def _failed(self, result: Result, exc: _Broken, attempts: int) -> DownloadError:
         return DownloadError(
             f"downloading the image of task {result.task.id} failed after "
-            f"{attempts} attempt{'s' if attempts > 1 else ''} ({exc}); the result is kept: call "
-            "client.download(result, ...) again while its URL is valid",
+            f"{attempts} attempt{'s' if attempts > 1 else ''} ({exc}); download e.result "
+            "again with client.download() while its URL is valid",
             task=result.task,
+            result=result,
         )
 
     async def stream(self, result: Result) -> AsyncGenerator[bytes, None]:
@@ -262,6 +263,7 @@ class Downloader:
                         f"the image of task {result.task.id} arrived incomplete ({exc}); "
                         "stream it again while its URL is valid",
                         task=result.task,
+                        result=result,
                     ) from None
                 if attempt == self._attempts:
                     raise self._failed(result, exc, attempt) from None

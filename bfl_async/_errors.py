@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._models import Task
+    from ._models import Result, Task
 
 __all__ = [
     "APIConnectionError",
@@ -303,7 +303,12 @@ class ResultExpiredError(TaskError):
 
 
 class DownloadError(TaskError):
-    """The image could not be downloaded intact; the handle is kept, so try again."""
+    """The image could not be downloaded intact: download `result` again while its URL is
+    valid (nothing is charged for that); `generate` leaves it here for that."""
+
+    def __init__(self, message: str, *, task: Task, result: Result) -> None:
+        self.result = result
+        super().__init__(message, task=task)
 
 
 class DownloadRefusedError(DownloadError):

@@ -932,15 +932,18 @@ async def test_truncated_download_is_retried(
 async def test_download_gives_up_but_keeps_the_result(
     client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path
 ) -> None:
-    result = await _result(client, mock)
+    route_task(mock, ready())
     short = httpx.Response(200, content=PNG[:100], headers={"content-length": str(len(PNG))})
     mock.get(DELIVERY).mock(return_value=short)
-    with pytest.raises(DownloadError, match=r"call client\.download") as caught:
-        await client.download(result, tmp_path)
-    assert caught.value.task == result.task
+    # generate returns no Result to download again: the error carries it.
+    with pytest.raises(DownloadError, match=r"download e\.result again") as caught:
+        await client.generate("flux-2-pro", prompt="x", output_dir=tmp_path, name="fox")
+    result = caught.value.result
+    assert caught.value.task == result.task and result.sample.startswith(DELIVERY)
     assert list(tmp_path.iterdir()) == []
     mock.get(DELIVERY).mock(return_value=image())
-    assert (await client.download(result, tmp_path)).read_bytes() == PNG
+    path = await client.download(result, tmp_path, name="fox")
+    assert path.name == "fox.png" and path.read_bytes() == PNG
 
 
 async def test_expired_url_is_refused_without_a_request(
