@@ -69,8 +69,19 @@ def job_key(model: str, params: Mapping[str, Any], name: str | None = None) -> s
     if name is not None:
         return f"name:{name}"
     public = {k: v for k, v in params.items() if k not in SECRET_PARAMS}
-    text = json.dumps([model, public], sort_keys=True, default=str, ensure_ascii=False)
+    text = json.dumps([model, public], sort_keys=True, default=_key_text, ensure_ascii=False)
     return "hash:" + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _key_text(value: Any) -> str:
+    """A value JSON cannot hold (an image), as its job's key counts it: by its content or
+    path, never by an address (`str()` of a memoryview or of a bare `os.PathLike` is
+    `<... at 0x...>`, new in every run: the rerun would pay for the job again)."""
+    if isinstance(value, memoryview):
+        value = value.tobytes()  # as the same bytes would be
+    elif isinstance(value, os.PathLike):
+        value = os.fspath(value)  # a Path's text: keys made before are unchanged
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -298,9 +309,11 @@ class Batch:
                 # so every step they are taking is journaled before the journal closes.
                 self.stop(grace=0)
                 await self._finished.wait()
-            await self.write_manifest()
             assert self._journal is not None
-            await self._journal.aclose()
+            try:
+                await self.write_manifest()
+            finally:  # a manifest that cannot be written must not keep the next run out
+                await self._journal.aclose()
 
     def stop(self, grace: float | None = None, *, abandon: bool = False) -> None:
         """Send no more submits, at once; jobs already paid for keep being watched.
@@ -646,8 +659,11 @@ class Batch:
             await self._set(job, "submitted", task=task.model_dump_json(), cost=cost, error=None)
         except BaseException:
             # Not journaled: the row still says `submitting`, and the job ends `uncertain`
-            # (its estimate at risk) rather than counted twice.
+            # (its estimate at risk) rather than counted twice. Reserved again until then, so
+            # that no budget check in between misses it.
             self._spent -= cost
+            self._reserved += job.estimate
+            job.reserved = True
             raise
 
     @contextlib.contextmanager
@@ -677,7 +693,7 @@ class Batch:
                 else:
                     result = await self._client.wait(task, timeout=self._timeout)
             except _FINAL_TASK_ERRORS as exc:
-                await self._end(job, send, "failed", error=_describe(exc), exception=exc)
+                await self._end_unfetched(job, send, "failed", exc)
                 return
             except Exception as exc:
                 # Still paid and perhaps still running (timeout, key revoked...): kept
@@ -711,12 +727,40 @@ class Batch:
                 overwrite=self._overwrite or job.was_ready, durable=True,
             )  # fmt: skip
         except ResultExpiredError as exc:
-            await self._end(job, send, "expired", error=_describe(exc), exception=exc)
+            await self._end_unfetched(job, send, "expired", exc)
         except (BFLError, OSError) as exc:
             # Paid and Ready: kept `ready`, so the next run tries the download again.
             await self._end(job, send, "ready", error=_describe(exc), exception=exc)
         else:
             await self._end(job, send, "downloaded", path=path, error=None)
+
+    async def _end_unfetched(
+        self, job: _Job, send: MemoryObjectSendStream[JobRecord], state: JobState, exc: BFLError
+    ) -> None:
+        """End a job whose image BFL no longer serves (its URL expired, its task is gone):
+        `downloaded` all the same when an earlier run moved it into place and was stopped
+        before journaling that (a power cut), since only a complete image is moved there."""
+        saved = self._saved_image(job) if job.was_ready else None
+        if saved is not None:
+            logger.info("job %s: its image was saved by an earlier run: %s", job.key, saved)
+            await self._end(job, send, "downloaded", path=saved, error=None)
+        else:
+            await self._end(job, send, state, error=_describe(exc), exception=exc)
+
+    def _saved_image(self, job: _Job) -> Path | None:
+        """The image an earlier run saved for `job`'s task, if it is there: its file,
+        written after the task was submitted (give or take a coarse file system's clock)."""
+        task = job.record.task
+        if task is None:
+            return None
+        name = self._file_name(job, task)
+        since = (task.submitted_at or 0.0) - 2.0
+        for suffix in IMAGE_SUFFIXES:
+            path = self.output_dir / f"{name}{suffix}"
+            with contextlib.suppress(OSError):
+                if path.is_file() and path.stat().st_mtime >= since:
+                    return path
+        return None
 
     @staticmethod
     def _file_name(job: _Job, task: Task) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import sqlite3
 import sys
@@ -38,6 +39,7 @@ from bfl_async.testing import FakeBFL
 pytestmark = pytest.mark.anyio
 BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 KEY = "batch-test-key-SECRET-0c4f1e"
+PNG_HEAD = b"\x89PNG\r\n\x1a\n" + bytes(24)  # an image signature: enough for a reference
 
 
 def jobs(count: int, **extra: Any) -> list[dict[str, Any]]:
@@ -223,6 +225,45 @@ def test_job_keys_are_stable_and_leave_secrets_out() -> None:
     assert key != job_key("flux-2-max", params)
     assert key != job_key("flux-2-pro", {**params, "prompt": "a wolf"})
     assert job_key("flux-2-pro", params, "fox") == "name:fox"
+
+
+class _ImageFile(os.PathLike[str]):
+    """A path object without a `__str__` of its own (its repr holds its address)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def __fspath__(self) -> str:
+        return str(self._path)
+
+
+async def test_a_job_keeps_its_key_whatever_holds_its_image(tmp_path: Path) -> None:
+    # str() of a memoryview or of a bare os.PathLike is `<... at 0x...>`: an address, new in
+    # every run. A key built from it made every rerun submit (and pay for) the jobs again.
+    fake = FakeBFL(generation_time=0.01)
+    png = PNG_HEAD
+    (tmp_path / "ref.png").write_bytes(png)
+    out = tmp_path / "out"
+
+    def with_images(view: memoryview, path: _ImageFile) -> list[dict[str, Any]]:
+        return [
+            {"model": "flux-2-klein-4b", "prompt": "a", "input_image": view},
+            {"model": "flux-2-klein-4b", "prompt": "b", "input_image": path},
+        ]
+
+    first = (memoryview(bytes(png)), _ImageFile(tmp_path / "ref.png"))
+    second = (memoryview(bytearray(png)), _ImageFile(tmp_path / "ref.png"))  # both alive
+    assert (await run(fake, out, with_images(*first))).counts() == {"downloaded": 2}
+    again = await run(fake, out, with_images(*second))  # the same jobs, run again
+    assert again.counts() == {"downloaded": 2} and all(r.previous for r in again.records)
+    assert fake.submits == 2
+    # Same content, same key, whichever object holds it (a Path's key is unchanged).
+    assert job_key("flux-2-pro", {"input_image": first[0]}) == job_key(
+        "flux-2-pro", {"input_image": png}
+    )
+    assert job_key("flux-2-pro", {"input_image": first[1]}) == job_key(
+        "flux-2-pro", {"input_image": tmp_path / "ref.png"}
+    )
 
 
 async def test_the_same_request_twice_is_two_jobs(tmp_path: Path) -> None:
@@ -462,6 +503,52 @@ async def test_a_journal_failing_to_record_an_accepted_task_leaves_it_uncertain(
     monkeypatch.undo()
     again = await run(fake, tmp_path, jobs(1))
     assert again.counts() == {"uncertain": 1} and fake.submits == 1
+
+
+async def test_a_task_the_journal_failed_to_record_stays_in_the_budget_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first accepted task cannot be journaled (so it ends `uncertain`). Until then its
+    # price must stay counted: a submit checked meanwhile must not see it missing.
+    fake = FakeBFL(generation_time=0.01)
+    original = Journal._update
+    failed: list[str] = []
+
+    def failing_once(self: Journal, key: str, values: dict[str, Any]) -> None:
+        if values.get("state") == "submitted" and not failed:
+            failed.append(key)
+            raise sqlite3.OperationalError("database is locked")
+        original(self, key, values)
+
+    monkeypatch.setattr(Journal, "_update", failing_once)
+    third_checked = anyio.Event()
+    callbacks = 0
+
+    async def hold_the_first(task: Task) -> None:
+        # The unjournaled task's own callback runs in that window: let the third job's
+        # budget check happen then (a slot frees up as the second task ends).
+        nonlocal callbacks
+        callbacks += 1
+        if callbacks == 1:
+            with anyio.move_on_after(5):
+                await third_checked.wait()
+
+    client = client_for(fake, on_submitted=hold_the_first, limits={"standard": 2})
+    async with client, client.batch(jobs(3), tmp_path, max_cost=2.8) as batch:
+        check = batch._before_send
+
+        async def observed(job: _Job) -> None:
+            if job.index == 2:
+                third_checked.set()
+            await check(job)
+
+        batch._before_send = observed  # type: ignore[method-assign]
+        async for _ in batch:
+            pass
+    assert third_checked.is_set() and len(failed) == 1
+    # 1.4 at risk (the unjournaled task) + 1.4 charged: no room for a third 1.4 job.
+    assert batch.counts() == {"uncertain": 1, "downloaded": 1, "skipped": 1}
+    assert fake.submits == 2 and batch.spent + batch.at_risk == pytest.approx(2.8)
 
 
 async def test_a_garbled_submit_answer_is_uncertain_and_never_resent(tmp_path: Path) -> None:
@@ -704,6 +791,24 @@ async def test_a_cancelled_caller_never_skips_a_journal_write(tmp_path: Path) ->
         await journal.aclose()
 
 
+async def test_a_full_disk_is_reported_as_such_and_the_journal_works_again_after(
+    tmp_path: Path,
+) -> None:
+    journal = await Journal.open(tmp_path / "j.sqlite")
+    try:
+        await journal.add([JobRow("k", 0, None, "flux-2-pro", 3.0, "queued")])
+        # No room to grow: SQLite fails the write with SQLITE_FULL and rolls back itself.
+        [(pages,)] = journal._db.execute("PRAGMA page_count")
+        journal._db.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(sqlite3.OperationalError, match="full"):  # not "cannot rollback"
+            await journal.update("k", state="uncertain", error="x" * 100_000)
+        journal._db.execute("PRAGMA max_page_count = 1073741823")  # room again
+        await journal.update("k", state="uncertain", error="y" * 100_000)
+        assert (await journal.load())["k"].error == "y" * 100_000
+    finally:
+        await journal.aclose()
+
+
 def test_job_reprs_leave_out_bodies_and_signed_urls() -> None:
     body = {"prompt": "x", "webhook_secret": "hush-SECRET"}
     record = JobRecord(0, "k", None, "flux-2-pro", "queued", 3.0)
@@ -711,6 +816,46 @@ def test_job_reprs_leave_out_bodies_and_signed_urls() -> None:
     row = JobRow("k", 0, None, "flux-2-pro", 3.0, "ready", sample="https://d/x?sig=SIG")
     for text in (repr(job), repr(row)):
         assert "hush-SECRET" not in text and "SIG" not in text
+
+
+@pytest.mark.parametrize("bfl_says", ["expired", "Task not found"])
+async def test_an_image_saved_just_before_a_crash_is_not_reported_lost(
+    bfl_says: str, tmp_path: Path
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    job_list = [*jobs(1), {"model": "flux-2-klein-4b", "prompt": "x", "name": "fox"}]
+    first = await run(fake, tmp_path, job_list)
+    assert first.counts() == {"downloaded": 2}
+    saved = {r.key: r.path for r in first.records}
+    # Killed (a power cut...) after each image was moved into place, before the journal
+    # said `downloaded`; the next run comes after BFL's result URLs expired.
+    with sqlite3.connect(tmp_path / Batch.journal_name) as db:
+        for key, task in list(db.execute("SELECT key, task FROM jobs")):
+            expired = fake.sign_url(Task.model_validate_json(task).id, expires_at=time.time() - 60)
+            db.execute(
+                "UPDATE jobs SET state = 'ready', path = NULL, sample = ? WHERE key = ?",
+                (expired, key),
+            )
+    if bfl_says == "expired":
+        fake.result_ttl = 0.0  # polled again, BFL answers with the same expired URL
+    else:
+        fake.tasks.clear()  # polled again, BFL no longer knows the tasks
+    downloads = fake.downloads
+    again = await run(fake, tmp_path, job_list)
+    assert again.counts() == {"downloaded": 2}  # not `expired` or `failed`: they are there
+    assert {r.key: r.path for r in again.records} == saved
+    assert all(path is not None and path.is_file() for path in saved.values())
+    assert fake.submits == 2 and fake.downloads == downloads
+    with sqlite3.connect(tmp_path / Batch.journal_name) as db:
+        assert {state for (state,) in db.execute("SELECT state FROM jobs")} == {"downloaded"}
+    # A job whose image is not there is still `expired`.
+    for path in saved.values():
+        assert path is not None
+        path.unlink()
+    with sqlite3.connect(tmp_path / Batch.journal_name) as db:
+        db.execute("UPDATE jobs SET state = 'ready', path = NULL")
+    lost = "expired" if bfl_says == "expired" else "failed"
+    assert (await run(fake, tmp_path, job_list)).counts() == {lost: 2}
 
 
 async def test_a_batch_syncs_each_image_before_journaling_it(
@@ -727,6 +872,19 @@ async def test_a_batch_syncs_each_image_before_journaling_it(
     batch = await run(fake, tmp_path, jobs(2))
     assert batch.counts() == {"downloaded": 2}
     assert len(synced) == 4 and "downloaded" not in synced[:2]
+
+
+async def test_a_manifest_that_cannot_be_written_still_lets_the_next_run_in(
+    tmp_path: Path,
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    (tmp_path / Batch.manifest_name).mkdir()  # the manifest cannot replace it (a full disk...)
+    with pytest.raises(OSError):
+        await run(fake, tmp_path, jobs(2))
+    (tmp_path / Batch.manifest_name).rmdir()
+    # The journal was closed all the same: the same process runs the batch again at once.
+    again = await run(fake, tmp_path, jobs(2))
+    assert again.counts() == {"downloaded": 2} and fake.submits == 2
 
 
 @BOTH
