@@ -199,7 +199,7 @@ class RedisLimiter:
         self._users = 0
         # start() and aclose() one at a time: a second user waits for the first one's
         # connect, a new one for the last one's close (which would stop its loops).
-        self._starting = asyncio.Lock()
+        self._turns = asyncio.Lock()
         self._down = False
         self._closing = False
         self._undropped: dict[str, str] = {}  # releases Redis missed: lease -> its pools
@@ -225,7 +225,7 @@ class RedisLimiter:
                 "RedisLimiter runs on asyncio only (redis.asyncio); under trio, use the "
                 "in-process Limiter"
             ) from None
-        async with self._starting:
+        async with self._turns:
             if self._users == 0:
                 await self._connect()
             self._users += 1
@@ -269,7 +269,7 @@ class RedisLimiter:
 
         Slots still held stay leased until their TTL: their tasks may still be running.
         """
-        async with self._starting:
+        async with self._turns:
             if self._users == 0:
                 return
             self._users -= 1

@@ -96,20 +96,23 @@ async def test_a_stream_broken_midway_is_retried(
     assert path.read_bytes() == PNG
 
 
+class Pipe(io.RawIOBase):
+    """A file object that cannot seek: what was written to it stays written."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self.data += b
+        return len(b)
+
+
 async def test_an_unseekable_file_object_cannot_be_retried(
     mock: respx.MockRouter, downloader: Downloader
 ) -> None:
-    class Pipe(io.RawIOBase):
-        def __init__(self) -> None:
-            self.data = bytearray()
-
-        def writable(self) -> bool:
-            return True
-
-        def write(self, b: bytes) -> int:  # type: ignore[override]
-            self.data += b
-            return len(b)
-
     short = httpx.Response(200, content=PNG[:100], headers={"content-length": str(len(PNG))})
     route = mock.get(DELIVERY).mock(side_effect=[short, image()])
     pipe = Pipe()
@@ -121,17 +124,6 @@ async def test_an_unseekable_file_object_cannot_be_retried(
 async def test_an_unseekable_file_object_is_retried_until_its_first_byte(
     mock: respx.MockRouter, downloader: Downloader
 ) -> None:
-    class Pipe(io.RawIOBase):
-        def __init__(self) -> None:
-            self.data = bytearray()
-
-        def writable(self) -> bool:
-            return True
-
-        def write(self, b: bytes) -> int:  # type: ignore[override]
-            self.data += b
-            return len(b)
-
     busy = httpx.Response(503, headers={"Retry-After": "0"})
     route = mock.get(DELIVERY).mock(side_effect=[busy, httpx.ConnectError("x"), image()])
     pipe = Pipe()
