@@ -568,6 +568,7 @@ class Batch:
                     before_send=functools.partial(self._before_send, job),
                     on_accepted=functools.partial(self._accepted, job),
                     shield=functools.partial(self._post_scope, job),
+                    on_retry=functools.partial(self._not_paid, job),
                 )
             except _Stopped:
                 pass
@@ -630,11 +631,18 @@ class Batch:
             self._reserved += job.estimate
             job.reserved = True
         job.attempts += 1
-        job.posting = False  # an earlier attempt was refused or never sent: nothing paid
         assert self._journal is not None
         await self._journal.update(job.key, state="submitting", attempts=job.attempts)
         if self._stopping:  # stopped while that was written (no checkpoint comes before the
             raise _Stopped  # POST to cancel it): nothing goes out, the job stays `queued`
+
+    async def _not_paid(self, job: _Job) -> None:
+        """`job`'s last attempt was refused or never sent: journaled as before it, so a
+        process killed while it waits to try again leaves the job unpaid, not uncertain."""
+        job.posting = False
+        assert self._journal is not None
+        state = "uncertain" if job.uncertain is not None else "queued"
+        await self._journal.update(job.key, state=state)
 
     def _post_scope(self, job: _Job) -> anyio.CancelScope:
         """The scope of `job`'s POST, made right before it goes: from now on it may be paid."""

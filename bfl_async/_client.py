@@ -517,6 +517,7 @@ class AsyncBFL:
         before_send: Callable[[], Awaitable[None]] | None = None,
         on_accepted: Callable[[Task], Awaitable[None]] | None = None,
         shield: Callable[[], anyio.CancelScope] | None = None,
+        on_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[_Watch, float, float]:
         """Submit with the retry rules of `post_submit`; return the watch and its timings.
 
@@ -525,7 +526,8 @@ class AsyncBFL:
         runs first of all when BFL accepts (a batch journals the paid handle there); with
         it, a failing `on_submitted` is logged, not raised: the task is paid and recorded.
         `shield` makes the shielded scope each POST runs in, for a batch to abandon it:
-        cancelled, the submit raises `SubmissionUncertainError`.
+        cancelled, the submit raises `SubmissionUncertainError`. `on_retry` runs when an
+        attempt was refused or never sent (nothing paid), before waiting to try again.
         """
         self._task_group()  # open, and not closed
         if self.webhook_url is not None and "webhook_url" not in body:
@@ -592,6 +594,8 @@ class AsyncBFL:
                 delay = min(8.0, self._retry_base * 2.0 ** (not_sent - 1))
                 delay *= random.uniform(1.0, 1.25)
                 logger.info("submit to %r not sent (%s); retrying", model, failure.reason)
+            if on_retry is not None:
+                await on_retry()
             await anyio.sleep(delay)
 
     async def _post(

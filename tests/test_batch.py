@@ -779,6 +779,38 @@ async def test_a_client_closed_before_the_post_leaves_the_job_unpaid(
     assert "closed" in (record.error or "")
 
 
+@pytest.mark.parametrize("resubmitted", [False, True], ids=["new", "uncertain before"])
+async def test_a_refused_attempt_is_journaled_unpaid_while_the_retry_waits(
+    resubmitted: bool, tmp_path: Path
+) -> None:
+    """Killed while waiting to retry a refused submit, the batch must come back with the job
+    as it was before the attempt (nothing was paid), not `submitting` (uncertain, at risk)."""
+    fake = FakeBFL(generation_time=0.01)
+    job_list = jobs(1)
+    if resubmitted:
+        fake.fail_next("submit", "drop_after")
+        assert (await run(fake, tmp_path, job_list)).counts() == {"uncertain": 1}
+    fake.fail_next("submit", "503")  # refused: nothing created, the submit is retried
+    seen: list[str] = []
+    async with (
+        client_for(fake) as client,
+        client.batch(job_list, tmp_path, resubmit_uncertain=resubmitted) as batch,
+    ):
+        journal_it = batch._before_send
+
+        async def look_then_journal(job: _Job) -> None:
+            assert batch._journal is not None
+            # Before each attempt, the retry's included: what a process killed now would leave.
+            seen.append((await batch._journal.load())[job.key].state)
+            await journal_it(job)
+
+        batch._before_send = look_then_journal  # type: ignore[method-assign]
+        [record] = [record async for record in batch]
+    before = "uncertain" if resubmitted else "queued"
+    assert seen == [before, before]
+    assert record.state == "downloaded"
+
+
 async def test_a_cancelled_caller_never_skips_a_journal_write(tmp_path: Path) -> None:
     journal = await Journal.open(tmp_path / "j.sqlite")
     try:
