@@ -30,7 +30,7 @@ import httpx
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ._catalog import SECRET_PARAMS, ModelSpec, price
-from ._download import IMAGE_SUFFIXES, url_expiry
+from ._download import saved_as, url_expiry
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -608,10 +608,8 @@ class Batch:
     def _check_output(self, job: _Job) -> None:
         if job.name is None or self._overwrite:
             return
-        for suffix in IMAGE_SUFFIXES:
-            path = self.output_dir / f"{job.name}{suffix}"
-            if path.exists():
-                raise OutputExistsError(str(path))
+        if existing := saved_as(self.output_dir, job.name):
+            raise OutputExistsError(str(existing[0]))
 
     async def _before_send(self, job: _Job) -> None:
         """Right before each POST of `job`: the budget, then the journal's `submitting`."""
@@ -763,8 +761,7 @@ class Batch:
             return None
         name = self._file_name(job, task)
         since = (task.submitted_at or 0.0) - 2.0
-        for suffix in IMAGE_SUFFIXES:
-            path = self.output_dir / f"{name}{suffix}"
+        for path in saved_as(self.output_dir, name):
             with contextlib.suppress(OSError):
                 if path.is_file() and path.stat().st_mtime >= since:
                     return path

@@ -27,7 +27,7 @@ import httpx
 
 from ._batch import Batch
 from ._catalog import CATALOG, ModelSpec
-from ._download import DEFAULT_MAX_BYTES, IMAGE_SUFFIXES, Downloader
+from ._download import DEFAULT_MAX_BYTES, Downloader, saved_as
 from ._download import check_file_name as _check_name
 from ._errors import (
     APIConnectionError,
@@ -968,10 +968,8 @@ class AsyncBFL:
         """`generate` once the request is built: check the output, submit, wait, download."""
         if name is not None:
             _check_name(spec.name, name)
-            if not overwrite:
-                for suffix in IMAGE_SUFFIXES:
-                    if (directory / f"{name}{suffix}").exists():
-                        raise OutputExistsError(str(directory / f"{name}{suffix}"))
+            if not overwrite and (existing := saved_as(directory, name)):
+                raise OutputExistsError(str(existing[0]))
         watch, queued, submit = await self._submit(spec.name, spec.pool, body, params, on_submitted)
         try:
             result = await self._await(watch, timeout)

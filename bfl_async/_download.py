@@ -33,7 +33,14 @@ from ._errors import (
 from ._http import parse_retry_after, retry_delay
 from ._models import Result
 
-__all__ = ["DEFAULT_MAX_BYTES", "IMAGE_SUFFIXES", "Downloader", "check_file_name", "image_suffix"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "IMAGE_SUFFIXES",
+    "Downloader",
+    "check_file_name",
+    "image_suffix",
+    "saved_as",
+]
 
 logger = logging.getLogger("bfl_async")
 
@@ -71,6 +78,11 @@ def url_expiry(url: str) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     return when.timestamp()
+
+
+def saved_as(directory: Path, name: str) -> list[Path]:
+    """The images already saved as `name` in `directory`, whatever their suffix."""
+    return [path for suffix in IMAGE_SUFFIXES if (path := directory / f"{name}{suffix}").exists()]
 
 
 def check_file_name(model: str, name: str) -> None:
