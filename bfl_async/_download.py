@@ -198,6 +198,11 @@ class Downloader:
         try:
             if response.status_code in (401, 403, 404, 410):
                 self._check_fresh(result)
+                if url_expiry(result.sample) is not None:
+                    # Refused before the expiry it was signed with: a blob not yet
+                    # replicated, a clock or a host astray. Tried again, and on failure
+                    # the paid result is kept to be fetched again while it is valid.
+                    raise _Broken(f"HTTP {response.status_code} before the URL's expiry")
                 raise ResultExpiredError(
                     f"the delivery host refused the result URL of task {result.task.id} "
                     f"({response.status_code}); it has probably expired. Generate the "

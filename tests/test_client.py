@@ -959,12 +959,18 @@ async def test_expired_url_is_refused_without_a_request(
 async def test_iso_expiry_and_delivery_refusal(
     client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path
 ) -> None:
-    result = await _result(client, mock, url=f"{DELIVERY}?se=2099-01-01T00:00:00Z&sig=1")
-    mock.get(DELIVERY).mock(
-        return_value=httpx.Response(403, text="<Error><Code>AuthenticationFailed</Code></Error>")
-    )
-    with pytest.raises(ResultExpiredError, match="refused"):
-        await client.download(result, tmp_path)
+    refused = httpx.Response(403, text="<Error><Code>AuthenticationFailed</Code></Error>")
+    past = await _result(client, mock, url=f"{DELIVERY}?se=2001-01-01T00:00:00Z&sig=1")
+    route = mock.get(DELIVERY).mock(return_value=refused)
+    with pytest.raises(ResultExpiredError, match="expired at"):
+        await client.download(past, tmp_path)
+    assert route.call_count == 0
+    # Refused before its expiry: not taken as expired, and the paid result is kept.
+    ahead = await _result(client, mock, url=f"{DELIVERY}?se=2099-01-01T00:00:00Z&sig=1")
+    mock.get(DELIVERY).mock(return_value=refused)
+    with pytest.raises(DownloadError, match="before the URL's expiry") as caught:
+        await client.download(ahead, tmp_path)
+    assert not isinstance(caught.value, ResultExpiredError) and caught.value.result == ahead
 
 
 async def test_existing_file_is_found_before_paying(

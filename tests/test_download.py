@@ -20,6 +20,7 @@ from bfl_async import (
     OutputExistsError,
     ParameterError,
     Result,
+    ResultExpiredError,
     Task,
 )
 from bfl_async._download import (
@@ -94,6 +95,38 @@ async def test_a_stream_broken_midway_is_retried(
     mock.get(DELIVERY).mock(side_effect=[broken, image()])
     path = await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
     assert path.read_bytes() == PNG
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 410])
+async def test_a_refusal_before_the_urls_expiry_is_tried_again(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path, status: int
+) -> None:
+    # A blob not yet replicated, or a delivery host astray, is not an expired result.
+    refused = httpx.Response(status, text="<Error><Code>AuthenticationFailed</Code></Error>")
+    route = mock.get(DELIVERY).mock(side_effect=[refused, image()])
+    path = await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+    assert path.read_bytes() == PNG and route.call_count == 2
+
+
+async def test_a_refusal_that_lasts_keeps_the_paid_result_for_later(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    mock.get(DELIVERY).mock(return_value=httpx.Response(403))
+    result = result_for(signed_url())
+    with pytest.raises(DownloadError, match=r"3 attempts \(HTTP 403 before the URL's expiry") as e:
+        await downloader.to_directory(result, tmp_path, "a", overwrite=False)
+    assert not isinstance(e.value, ResultExpiredError) and e.value.result == result
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_refused_url_without_an_expiry_is_taken_as_expired(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    route = mock.get(DELIVERY).mock(return_value=httpx.Response(403))
+    unsigned = result_for(f"{DELIVERY}?sig=1")
+    with pytest.raises(ResultExpiredError, match=r"refused the result URL .* \(403\)"):
+        await downloader.to_directory(unsigned, tmp_path, "a", overwrite=False)
+    assert route.call_count == 1
 
 
 class Pipe(io.RawIOBase):

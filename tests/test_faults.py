@@ -22,7 +22,6 @@ from bfl_async import (
     BFLError,
     DownloadRefusedError,
     InsufficientCreditsError,
-    ResultExpiredError,
     SubmissionUncertainError,
 )
 from bfl_async._journal import Journal
@@ -246,14 +245,26 @@ async def test_download_faults_are_retried(fault: Fault, tmp_path: Path) -> None
     assert batch.counts() == {"downloaded": JOBS}
 
 
-async def test_an_expired_result_url_is_reported_expired(tmp_path: Path) -> None:
+async def test_a_refusal_before_the_url_expires_is_tried_again(tmp_path: Path) -> None:
     async with FakeBFL(generation_time=0.02) as fake:
-        fake.fail_next("download", "expired")
+        fake.fail_next("download", "expired")  # a 403, though the URL's `se=` is ahead
         batch = await run(fake, tmp_path)
     check(fake, batch)
-    assert batch.counts() == {"downloaded": JOBS - 1, "expired": 1}
-    [expired] = [r for r in batch.records if r.state == "expired"]
-    assert isinstance(expired.exception, ResultExpiredError) and expired.task is not None
+    assert batch.counts() == {"downloaded": JOBS}
+
+
+async def test_a_refusal_that_lasts_leaves_the_paid_job_ready_for_the_next_run(
+    tmp_path: Path,
+) -> None:
+    async with FakeBFL(generation_time=0.02) as fake:
+        fake.fail_next("download", "expired", count=3)  # every attempt of the one job
+        first = await run(fake, tmp_path, jobs(1))
+        assert first.counts() == {"ready": 1}
+        [record] = first.records
+        assert "HTTP 403 before the URL's expiry" in (record.error or "")
+        second = await run(fake, tmp_path, jobs(1))
+    check(fake, second)
+    assert second.counts() == {"downloaded": 1} and fake.submits == 1
 
 
 async def test_an_expired_url_saved_by_an_earlier_run_is_asked_for_again(tmp_path: Path) -> None:
