@@ -321,6 +321,12 @@ class AsyncBFL:
             raise ValueError(f"unknown region {region!r}; allowed: {', '.join(REGIONS)}")
         url = base_url or os.environ.get("BFL_BASE_URL") or REGIONS[region]
         self.base_url = httpx.URL(url.rstrip("/"))
+        if self.base_url.scheme not in ("http", "https") or not self.base_url.host:
+            source = "base_url" if base_url else "$BFL_BASE_URL"
+            raise ValueError(
+                "base_url must be an absolute http(s) URL such as https://api.bfl.ai "
+                f"(check {source})"
+            )
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
             timeout=timeout,

@@ -48,6 +48,18 @@ __all__ = [
 class BFLError(Exception):
     """Base class of every error raised by bfl_async."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its attributes, not by calling `__init__` with `args` (most take
+        # keyword-only ones): an error can cross processes (a process pool, a job queue).
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[BFLError], args: tuple[Any, ...], state: dict[str, Any]) -> BFLError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class MissingAPIKeyError(BFLError):
     """No API key was given and `BFL_API_KEY` is not set."""

@@ -7,6 +7,7 @@ The API key is attached per request, and only to API hosts.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import logging
 import math
@@ -42,6 +43,15 @@ REGIONS: Mapping[str, str] = {
 
 _API_HOST = re.compile(r"^api\.(?:[a-z0-9-]+\.)*bfl\.ai$")
 _MAX_RETRY_DELAY = 30.0
+# Failures before the request left for the API: no connection, no pooled connection, a
+# proxy that refused the tunnel, a URL httpx cannot send.
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+    httpx.UnsupportedProtocol,
+)
 
 
 def is_api_host(url: httpx.URL, base_url: httpx.URL) -> bool:
@@ -73,18 +83,23 @@ def retry_delay(base: float, failures: int, retry_after: float | None = None) ->
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date)."""
+    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date); None
+    when it says nothing usable (an infinite wait is no answer)."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # asctime and `-0000` dates name no zone: HTTP dates are GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - time.time())
 
 
@@ -109,7 +124,7 @@ def int_or_none(value: Any) -> int | None:
     """An integer from an answer's field (seeds may exceed 2**32), or None."""
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -271,7 +286,7 @@ class API:
 
         try:
             response = await self.request("POST", f"/v1/{model}", json=dict(body))
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        except _NOT_SENT as exc:
             raise NotSent(type(exc).__name__) from None
         except httpx.HTTPError as exc:
             # Written (or partly written) and then lost, or answered with a body that could

@@ -367,6 +367,7 @@ async def test_422_carries_the_server_detail_list(client: AsyncBFL, mock: respx.
         httpx.ConnectError("refused"),
         httpx.ConnectTimeout("slow connect"),
         httpx.PoolTimeout("pool"),
+        httpx.ProxyError("407 Proxy Authentication Required"),  # CONNECT refused: no tunnel
     ],
 )
 async def test_submit_is_retried_when_no_task_was_created(
@@ -449,6 +450,28 @@ async def test_unreachable_api_raises_after_bounded_retries(mock: respx.MockRout
             await client.submit("flux-2-pro", prompt="x")
         assert client.limiter.in_use() == 0
     assert mock.calls.call_count == 2
+
+
+async def test_a_proxy_that_refuses_every_submit_says_nothing_was_paid(
+    mock: respx.MockRouter,
+) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=httpx.ProxyError("403 Forbidden"))
+    async with AsyncBFL(**{**FAST, "submit_retries": 1}) as client:
+        with pytest.raises(APIConnectionError, match=r"ProxyError.*nothing was paid"):
+            await client.submit("flux-2-pro", prompt="x")
+    assert mock.calls.call_count == 2
+
+
+@pytest.mark.parametrize("base_url", ["api.eu.bfl.ai", "ftp://api.bfl.ai", "https://", "/v1"])
+def test_a_base_url_that_is_no_http_url_is_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch, base_url: str
+) -> None:
+    # Sent as is, its submits failed in httpx before leaving, each reported as maybe paid.
+    with pytest.raises(ValueError, match=r"base_url must be an absolute http\(s\) URL"):
+        AsyncBFL(api_key=KEY, base_url=base_url)
+    monkeypatch.setenv("BFL_BASE_URL", base_url)
+    with pytest.raises(ValueError, match="BFL_BASE_URL"):
+        AsyncBFL(api_key=KEY)
 
 
 async def test_local_validation_sends_nothing(client: AsyncBFL, mock: respx.MockRouter) -> None:

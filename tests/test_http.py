@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import pickle
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,23 @@ import httpx
 import pytest
 import respx
 
-from bfl_async import AsyncBFL, Backoff, SubmissionUncertainError
+from bfl_async import (
+    APIError,
+    AsyncBFL,
+    Backoff,
+    BatchInUseError,
+    DownloadError,
+    LimiterUnavailableError,
+    ModerationError,
+    OutputExistsError,
+    ParameterError,
+    Problem,
+    Result,
+    SubmissionUncertainError,
+    Task,
+    UnknownModelError,
+    WaitTimeoutError,
+)
 from bfl_async._http import cost_or_none, float_or_none, parse_retry_after, resendable
 
 from .helpers import API, FAST, KEY, accepted, image, polling_url, ready
@@ -113,3 +130,60 @@ async def test_an_undecodable_poll_answer_is_retried(
 def test_only_finite_non_negative_costs_are_taken(value: Any, cost: float | None) -> None:
     assert cost_or_none(value) == cost
     assert float_or_none(math.nan) is None and float_or_none(-1) == -1.0
+
+
+async def test_a_ready_answer_with_an_infinite_seed_still_gives_its_image(
+    mock: respx.MockRouter,
+) -> None:
+    # JSON reads 1e400 as infinity, which no int holds: the paid result was lost to it.
+    answer = ready().content.replace(b'"seed":42', b'"seed":1e400')
+    assert b"1e400" in answer
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=httpx.Response(200, content=answer))
+    async with AsyncBFL(**FAST) as client:
+        result = await client.wait(await client.submit("flux-2-pro", prompt="x"))
+    assert result.seed is None and result.sample.startswith("https://delivery-eu1.bfl.ai/")
+
+
+def test_retry_after_dates_without_a_zone_are_gmt_and_infinity_is_no_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # asctime (an HTTP-date every recipient must read) and `-0000` name no zone: both are GMT,
+    # not the machine's local time (8 hours off on the US west coast).
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    try:
+        soon = time.gmtime(time.time() + 10)
+        asctime = time.strftime("%a %b %d %H:%M:%S %Y", soon)
+        minus_zero = time.strftime("%a, %d %b %Y %H:%M:%S -0000", soon)
+        for value in (asctime, minus_zero):
+            assert 8 <= (parse_retry_after(value) or 0) <= 10
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    # An infinite wait would be a submit or poll that never comes back.
+    for value in ("inf", "Infinity", "1e400", "nan"):
+        assert parse_retry_after(value) is None
+
+
+def test_every_error_survives_pickling() -> None:
+    """Errors cross processes (a process pool, a job queue's result store): one that cannot
+    be rebuilt breaks the pool and hides what happened."""
+    task = Task(id="t", polling_url=polling_url("t"), model="flux-2-pro")
+    result = Result(task=task, sample="https://delivery-eu1.bfl.ai/x", ready_at=1.0)
+    errors: list[Exception] = [
+        APIError("m", status_code=418, body={"detail": "x"}),
+        SubmissionUncertainError("ReadTimeout", model="flux-2-pro", params={"prompt": "x"}),
+        ModerationError(task=task, kind="request", reasons=["r"]),
+        WaitTimeoutError("late", task=task),
+        DownloadError("broken", task=task, result=result),
+        ParameterError("flux-2-pro", [Problem("width", "too big", "64-4096")]),
+        UnknownModelError("flux-9", ["flux-2-pro"]),
+        OutputExistsError("out/x.png", kept="out/x.part"),
+        LimiterUnavailableError("down", url="redis://h"),
+        BatchInUseError("j.sqlite", api="http://127.0.0.1:1"),
+    ]
+    for error in errors:
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error)
+        assert str(again) == str(error) and vars(again) == vars(error)
