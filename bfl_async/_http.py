@@ -233,6 +233,10 @@ class API:
         self._client = client
         self._key = api_key
         self.base_url = httpx.URL(base_url.rstrip("/"))
+        # API paths go under the base URL's own path: a gateway at https://gw.example/bfl
+        # serves /bfl/v1/... A trailing /v1, as BFL's docs write endpoints, is the root's.
+        root = self.base_url.path.rstrip("/").removesuffix("/v1")
+        self._root = self.base_url.copy_with(path=root + "/")
 
     def __repr__(self) -> str:
         return f"API(base_url={str(self.base_url)!r})"
@@ -242,7 +246,7 @@ class API:
         once and sent at every poll). Only API hosts get the key."""
         target = httpx.URL(url) if isinstance(url, str) else url
         if not target.is_absolute_url:
-            target = self.base_url.join(target)
+            target = self._root.join(str(target).lstrip("/"))
         if not is_api_host(target, self.base_url):
             raise APIConnectionError(
                 f"refusing to send the API key to {target.host!r}: it is not an API host. "

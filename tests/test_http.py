@@ -91,6 +91,28 @@ async def test_a_callers_own_http_client_is_used_and_left_open(
         assert json.loads(request.content) == {"prompt": "x"}
 
 
+@pytest.mark.parametrize(
+    ("base_url", "root"),
+    [
+        ("https://gw.example/bfl", "https://gw.example/bfl"),
+        ("https://gw.example/bfl/v1/", "https://gw.example/bfl"),
+        ("https://api.bfl.ai/v1", API),
+    ],
+)
+async def test_api_paths_go_under_the_base_urls_own_path(
+    mock: respx.MockRouter, base_url: str, root: str
+) -> None:
+    # A gateway serving the API under a path of its own; BFL's docs write endpoints with /v1.
+    submit = mock.post(f"{root}/v1/flux-2-pro").mock(return_value=accepted())
+    credits = mock.get(f"{root}/v1/credits").mock(
+        return_value=httpx.Response(200, json={"credits": 7.5})
+    )
+    async with AsyncBFL(**{**FAST, "base_url": base_url}) as client:
+        await client.submit("flux-2-pro", prompt="x")
+        assert await client.credits() == 7.5
+    assert submit.calls.last.request.headers["x-key"] == KEY and credits.call_count == 1
+
+
 class _Garbled(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         yield b"\x00 not gzip at all"
