@@ -35,7 +35,7 @@ __all__ = [
 
 Pool = Literal["standard", "kontext-max"]
 Family = Literal["flux2", "flux1"]
-ParamKind = Literal["str", "int", "float", "bool", "choice", "image", "aspect_ratio"]
+ParamKind = Literal["str", "int", "float", "bool", "choice", "image", "aspect_ratio", "url"]
 
 _REFERENCE = re.compile(r"input_image(?:_([1-9][0-9]*))?")
 
@@ -55,6 +55,8 @@ def reference_index(name: str) -> int | None:
 
 
 _DASH = "\u2013"
+MAX_URL_LENGTH = 2083
+"""The longest `webhook_url` BFL takes (its schema's limit)."""
 
 
 def _number(value: float) -> str:
@@ -82,6 +84,8 @@ class ParamSpec:
             return "True or False"
         if self.kind == "str":
             return "a string"
+        if self.kind == "url":
+            return f"an http(s) URL of at most {MAX_URL_LENGTH} characters"
         noun = "an integer" if self.kind == "int" else "a number"
         if self.ge is not None and self.le is not None:
             text = f"{_number(self.ge)}{_DASH}{_number(self.le)}"
@@ -248,7 +252,9 @@ _STRING = ParamSpec("str")
 _SEED = ParamSpec("int", ge=0)
 _BOOL = ParamSpec("bool")
 _IMAGE = ParamSpec("image")
-_WEBHOOK = {"webhook_url": _STRING, "webhook_secret": _STRING}
+_WEBHOOK = {"webhook_url": ParamSpec("url"), "webhook_secret": _STRING}
+# One OutputFormat in BFL's schema, for FLUX.1 and FLUX.2 models alike.
+_OUTPUT_FORMAT = ParamSpec("choice", choices=("jpeg", "png", "webp"))
 SECRET_PARAMS = frozenset({"webhook_secret"})
 """Parameters never shown: not in errors, logs, reprs, journals or manifests."""
 
@@ -256,7 +262,7 @@ _FLUX2_PARAMS: Mapping[str, ParamSpec] = {
     "prompt": ParamSpec("str", required=True),
     "seed": _SEED,
     "safety_tolerance": ParamSpec("int", ge=0, le=5),
-    "output_format": ParamSpec("choice", choices=("jpeg", "png", "webp")),
+    "output_format": _OUTPUT_FORMAT,
     **_WEBHOOK,
 }
 _FLUX2_DIMENSIONS = DimensionRule(min=64, max=4096, multiple=16, max_pixels=4 * 2**20)
@@ -264,7 +270,7 @@ _FLUX2_DIMENSIONS = DimensionRule(min=64, max=4096, multiple=16, max_pixels=4 * 
 _FLUX1_COMMON: Mapping[str, ParamSpec] = {
     "seed": _SEED,
     "safety_tolerance": ParamSpec("int", ge=0, le=6),
-    "output_format": ParamSpec("choice", choices=("jpeg", "png")),
+    "output_format": _OUTPUT_FORMAT,
     "prompt_upsampling": _BOOL,
     **_WEBHOOK,
 }

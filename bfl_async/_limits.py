@@ -172,8 +172,9 @@ class _Pool:
 
     def on_accepted(self) -> None:
         self.accepted += 1
-        # The server took it, so it has room for at least this many of ours.
-        self.effective = max(self.effective, float(self.accepted))
+        # The server took it, so it has room for at least this many of ours (resumed
+        # handles, claimed over the limit, lift it no higher than configured).
+        self.effective = min(float(self.limit), max(self.effective, float(self.accepted)))
         if anyio.current_time() - self.last_refusal >= self.probe_after:
             self.effective = min(float(self.limit), self.effective + 1.0)
         self.grant()
@@ -270,6 +271,9 @@ class Limiter:
             for p in pools:
                 await p.take(front)
                 taken.append(p)
+            # A free slot is taken without waiting, and a waiter granted one as it was
+            # cancelled wakes normally: either way, a cancelled caller must not submit.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             for p in taken:
                 p.give_back(accepted=False)
@@ -325,17 +329,22 @@ class PollBudget:
     BFL answers polls with `X-Ratelimit-Limit: 1200` (per minute): however many tasks are in
     flight, the client's polls together stay under that. Polls are paced, at least
     `1 / per_second` s apart (a little more, for the jitter of the network and the event
-    loop), never in bursts that a server's window would count together. When more polls are
-    due than that lets out, the most urgent goes first: the poll schedule rates each (for
+    loop; a rate that is not a whole number paces at the whole number below it), never in
+    bursts that a server's window would count together. When more polls are due than that
+    lets out, the most urgent goes first: the poll schedule rates each (for
     `LearnedSchedule`, how long its task has likely been waiting to be seen), so a poll that
     would likely find a task pending waits, not one that would likely find it done.
     """
 
     def __init__(self, per_second: float = 20.0) -> None:
-        if per_second < 1:
-            raise ValueError("per_second must be at least 1")
+        if not 1 <= per_second < math.inf:
+            raise ValueError(
+                f"the poll budget (poll_rate) must be at least 1 poll a second and finite, "
+                f"not {per_second!r}; poll_rate=None turns it off"
+            )
         self.per_second = per_second
-        self._gap = (1.0 + _MARGIN) / per_second
+        # Any `floor(per_second) + 1` polls span more than a second: 2.5 paces at 2 a second.
+        self._gap = (1.0 + _MARGIN) / math.floor(per_second)
         self._next_send = -math.inf
         self._waiting: list[_Turn] = []
         self._leader: _Turn | None = None  # the waiting poll that hands out the next turn

@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeGuard
 
+import httpx
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -29,6 +30,7 @@ from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
 from ._catalog import (
     CATALOG,
+    MAX_URL_LENGTH,
     SECRET_PARAMS,
     AspectRatioRule,
     DimensionRule,
@@ -56,6 +58,7 @@ _NOUNS = {
     "choice": "a string",
     "image": "an image",
     "aspect_ratio": "a string",
+    "url": "a string",
 }
 
 
@@ -110,11 +113,13 @@ def request_model(spec: ModelSpec) -> type[BaseModel]:
     }
     dimensions = spec.dimensions
 
-    def check_pixels(cls: type[BaseModel], data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    def check_across(cls: type[BaseModel], data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         """Check the rules that span fields even when single fields fail, to report all."""
         extra: list[InitErrorDetails] = []
-        if dimensions is not None and isinstance(data, Mapping):
-            extra.extend(_pixel_errors(dimensions, data))
+        if isinstance(data, Mapping):
+            extra.extend(_blank_errors(spec, data))
+            if dimensions is not None:
+                extra.extend(_pixel_errors(dimensions, data))
         try:
             result = handler(data)
         except ValidationError as exc:
@@ -127,7 +132,7 @@ def request_model(spec: ModelSpec) -> type[BaseModel]:
             raise ValidationError.from_exception_data(cls.__name__, extra)
         return result
 
-    validators: dict[str, Any] = {"check_pixels": model_validator(mode="wrap")(check_pixels)}
+    validators: dict[str, Any] = {"check_across": model_validator(mode="wrap")(check_across)}
     class_name = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", spec.name))
     return create_model(
         f"{class_name}Request",
@@ -152,6 +157,8 @@ def _annotation(param: ParamSpec, spec: ModelSpec) -> Any:
     if param.kind == "aspect_ratio":
         rule = spec.aspect_ratio or AspectRatioRule()
         return Annotated[str, AfterValidator(functools.partial(_check_ratio, rule))]
+    if param.kind == "url":
+        return Annotated[str, AfterValidator(_check_url)]
     return str
 
 
@@ -231,8 +238,36 @@ def _check_ratio(rule: AspectRatioRule, value: str) -> str:
     return value
 
 
+def _check_url(value: str) -> str:
+    """Accept an absolute http(s) URL BFL can call. Not shown: its query may hold a token."""
+    if len(value) > MAX_URL_LENGTH:
+        raise _custom("url", f"is {len(value)} characters long")
+    try:
+        url: httpx.URL | None = httpx.URL(value)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise _custom("url", "is not an absolute http(s) URL")
+    return value
+
+
 def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _blank_errors(spec: ModelSpec, data: Mapping[str, Any]) -> list[InitErrorDetails]:
+    """A required text (the prompt) left blank with no image given: BFL would make, and
+    bill, an image from nothing."""
+    params = spec.all_params()
+    if any(data.get(name) is not None for name, param in params.items() if param.kind == "image"):
+        return []
+    blank = _custom("blank", "is blank, and no image is given to work from")
+    return [
+        InitErrorDetails(type=blank, loc=(name,), input=value)
+        for name, param in params.items()
+        if param.kind == "str" and param.required
+        if isinstance(value := data.get(name), str) and not value.strip()
+    ]
 
 
 def _pixel_errors(rule: DimensionRule, data: Mapping[str, Any]) -> list[InitErrorDetails]:

@@ -119,6 +119,9 @@ def test_descriptions() -> None:
     )
     assert get_model("flux-pro-1.1").describe("height") == "256\u20131440, multiple of 32"
     assert get_model("flux-2-pro").describe("output_format") == "jpeg, png, webp"
+    assert get_model("flux-kontext-pro").describe("output_format") == "jpeg, png, webp"
+    url = "an http(s) URL of at most 2083 characters"
+    assert get_model("flux-pro-1.0-fill").describe("webhook_url") == url
     assert get_model("flux-2-pro").describe("safety_tolerance") == "0\u20135"
     assert get_model("flux-kontext-pro").describe("safety_tolerance") == "0\u20136"
     assert get_model("flux-2-flex").describe("guidance") == "1.5\u201310"

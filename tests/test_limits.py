@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import anyio
 import pytest
+import respx
 
 from bfl_async import AsyncBFL, Limiter
 from bfl_async._limits import Slot
 
+from .helpers import API, FAST, accepted
+
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both backends."""
+    return str(request.param)
 
 
 async def test_slots_are_handed_out_in_fifo_order() -> None:
@@ -82,7 +91,6 @@ async def test_cancelled_in_second_pool_gives_back_the_first() -> None:
     held.release()
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_a_granted_slot_is_given_back_when_its_waiter_is_cancelled() -> None:
     limiter = Limiter({"standard": 1})
     held = await limiter.acquire("standard")
@@ -151,3 +159,54 @@ def test_a_given_limiter_is_not_also_sized_by_the_client() -> None:
     for sizing in ({"limits": {"standard": 4}}, {"separate_pools": True}):
         with pytest.raises(ValueError, match="give them to that limiter instead"):
             AsyncBFL(api_key="k", limiter=limiter, **sizing)
+
+
+async def test_resumed_handles_never_lift_the_limit_above_the_configured_one() -> None:
+    limiter = Limiter({"standard": 2}, probe_after=3600)
+    first = await limiter.acquire("standard")
+    first.refused()  # a 429: the limit is lowered, and does not grow back for a while
+    resumed = [limiter.claim("standard") for _ in range(3)]  # BFL counts them anyway
+    first.release()
+    for slot in resumed:
+        slot.release()
+    assert limiter.limit() == 2  # not 3: they prove no room beyond what was configured
+    held = [await limiter.acquire("standard") for _ in range(2)]
+    with anyio.move_on_after(0.01) as scope:
+        await limiter.acquire("standard")
+    assert scope.cancelled_caught
+    for slot in held:
+        slot.release()
+
+
+async def test_a_cancelled_caller_never_gets_a_slot() -> None:
+    limiter = Limiter({"standard": 1})
+    got: list[Slot] = []
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # a deadline already past, say: the slot is free, but not for it
+        got.append(await limiter.acquire("standard"))
+    assert got == [] and limiter.in_use() == 0
+
+    held = await limiter.acquire("standard")
+    doomed = anyio.CancelScope()
+
+    async def take() -> None:
+        with doomed:
+            got.append(await limiter.acquire("standard"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take)
+        await anyio.wait_all_tasks_blocked()
+        held.release()  # the waiter is granted the slot...
+        doomed.cancel()  # ...and cancelled before it runs again (trio used to hand it over)
+    assert got == [] and limiter.in_use() == 0
+
+
+async def test_a_submit_cancelled_before_it_starts_sends_nothing() -> None:
+    with respx.mock(assert_all_called=False) as mock:
+        submit = mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+        async with AsyncBFL(**FAST) as client:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await client.submit("flux-2-pro", prompt="a red fox")
+            assert not submit.called  # nothing paid for a call cancelled before it began
+            assert client.limiter.in_use() == 0

@@ -303,8 +303,8 @@ def test_nan_is_refused() -> None:
     [
         ("flux-2-pro", "gif", "jpeg, png, webp"),
         ("flux-2-pro", "JPEG", "jpeg, png, webp"),
-        ("flux-kontext-pro", "webp", "jpeg, png"),
-        ("flux-pro-1.0-fill", 1, "jpeg, png"),
+        ("flux-kontext-pro", "jpg", "jpeg, png, webp"),
+        ("flux-pro-1.0-fill", 1, "jpeg, png, webp"),
     ],
 )
 def test_bad_output_format(model: str, value: Any, allowed: str) -> None:
@@ -312,6 +312,13 @@ def test_bad_output_format(model: str, value: Any, allowed: str) -> None:
     assert problem.field == "output_format"
     assert problem.message == f"{value!r} is not allowed"
     assert problem.allowed == allowed
+
+
+@pytest.mark.parametrize("model", sorted(CATALOG))
+def test_every_model_takes_webp(model: str) -> None:
+    # BFL's OpenAPI schema shares one OutputFormat (jpeg, png, webp) among all models.
+    _, body = build_request(model, {**minimal(model), "output_format": "webp"})
+    assert body["output_format"] == "webp"
 
 
 @pytest.mark.parametrize("model", ["flux-kontext-pro", "flux-kontext-max", "flux-pro-1.1-ultra"])
@@ -374,6 +381,78 @@ def test_no_silent_coercion(field: str, value: Any, noun: str) -> None:
     problem = only_problem("flux-2-flex", {"prompt": "x", field: value})
     assert problem.field == field
     assert problem.message.startswith(f"expected {noun}, got {type(value).__name__}")
+
+
+# --- prompts and webhook URLs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", FLUX2 + FLUX1_PROMPTED)
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
+def test_a_blank_prompt_without_an_image_is_refused(model: str, prompt: str) -> None:
+    problem = only_problem(model, {"prompt": prompt})
+    assert problem.field == "prompt"
+    assert problem.message == "is blank, and no image is given to work from"
+    assert problem.allowed == "a string"
+
+
+def test_a_blank_prompt_is_reported_with_other_problems() -> None:
+    found = problems("flux-2-pro", {"prompt": " ", "width": 1000, "colour": "red"})
+    assert set(found) == {"prompt", "width", "colour"}
+    assert "blank" in found["prompt"].message
+
+
+@pytest.mark.parametrize(
+    ("model", "image"),
+    [
+        ("flux-2-pro", "input_image_3"),
+        ("flux-kontext-max", "input_image"),
+        ("flux-pro-1.1", "image_prompt"),
+        ("flux-pro-1.1-ultra", "image_prompt"),
+    ],
+)
+def test_a_blank_prompt_with_an_image_is_sent(model: str, image: str) -> None:
+    _, body = build_request(model, {"prompt": "", image: "https://example.com/a.png"})
+    assert body == {"prompt": "", image: "https://example.com/a.png"}
+
+
+@pytest.mark.parametrize("model", EDIT)
+def test_a_blank_optional_prompt_is_sent(model: str) -> None:
+    _, body = build_request(model, {"image": PNG, "prompt": ""})
+    assert body["prompt"] == ""
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "hooks.example.com/bfl",
+        "ftp://hooks.example.com/bfl",
+        "https://",
+        "https:///bfl",
+        "http://[::1",
+        "https://hooks.example.com/" + "x" * 2058,
+    ],
+)
+def test_a_bad_webhook_url_is_refused_without_showing_it(url: str) -> None:
+    problem = only_problem("flux-2-pro", {"prompt": "x", "webhook_url": url})
+    assert problem.field == "webhook_url"
+    assert problem.allowed == "an http(s) URL of at most 2083 characters"
+    if url:
+        assert url not in problem.message  # its query may carry a token
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.example.com/bfl?token=abc",
+        "http://127.0.0.1:8000/hook",
+        "HTTPS://Hooks.Example.com/bfl",
+        "https://hooks.example.com/" + "x" * 2057,
+    ],
+)
+def test_a_webhook_url_is_sent_as_given(url: str) -> None:
+    _, body = build_request("flux-kontext-pro", {"prompt": "x", "webhook_url": url})
+    assert body["webhook_url"] == url
 
 
 def test_large_seeds_are_kept() -> None:
