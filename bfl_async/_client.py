@@ -37,6 +37,7 @@ from ._errors import (
     ParameterError,
     Problem,
     SubmissionUncertainError,
+    TaskError,
     WaitTimeoutError,
 )
 from ._http import (
@@ -245,6 +246,12 @@ def _make_limiter(
     from .redis import RedisLimiter  # the optional extra, imported only when asked for
 
     return RedisLimiter(url, limits=limits, separate_pools=separate)
+
+
+def _of_the_task(error: Exception | None) -> bool:
+    """Whether a finished watch ended in the task's own outcome (a result, or a `TaskError`),
+    which polling again would only repeat; not in a failure of the polling itself."""
+    return error is None or isinstance(error, TaskError)
 
 
 def _log_left(task: Task, why: str) -> None:
@@ -793,9 +800,10 @@ class AsyncBFL:
         return await self._await(self._attach(task), timeout)
 
     def _attach(self, task: Task) -> _Watch:
-        """The watch of `task`; a handle new to this client claims its slot at once."""
+        """The watch of `task`; a handle new to this client claims its slot at once, and so
+        does one whose last watch ended in an error of the polling, not of the task."""
         watch = self._watches.get(task.id)
-        if watch is None:
+        if watch is None or (watch.done.is_set() and not _of_the_task(watch.error)):
             tg = self._task_group()
             slot = self._limiter.claim(_pool_of(task.model))
             elapsed = time.time() - task.submitted_at if task.submitted_at else 0.0

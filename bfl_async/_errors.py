@@ -186,11 +186,15 @@ class BatchInUseError(BFLError):
 
 
 class APIError(BFLError):
-    """The API answered with an HTTP error status."""
+    """The API answered with an HTTP error status. For a poll, `task` is the handle of the
+    task polled: accepted, and paid, it may still finish, and `wait(e.task)` polls it again."""
 
-    def __init__(self, message: str, *, status_code: int, body: Any = None) -> None:
+    def __init__(
+        self, message: str, *, status_code: int, body: Any = None, task: Task | None = None
+    ) -> None:
         self.status_code = status_code
         self.body = body
+        self.task = task
         super().__init__(message)
 
     @property
@@ -235,9 +239,10 @@ class RateLimitError(APIError):
         status_code: int = 429,
         body: Any = None,
         retry_after: float | None = None,
+        task: Task | None = None,
     ) -> None:
         self.retry_after = retry_after
-        super().__init__(message, status_code=status_code, body=body)
+        super().__init__(message, status_code=status_code, body=body, task=task)
 
 
 class ServerError(APIError):

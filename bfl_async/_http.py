@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -32,6 +32,9 @@ from ._errors import (
     ServerError,
     SubmissionUncertainError,
 )
+
+if TYPE_CHECKING:
+    from ._models import Task
 
 logger = logging.getLogger("bfl_async")
 
@@ -153,53 +156,68 @@ def _summary(detail: Any) -> str:
     return "; ".join(items)
 
 
-def error_from_response(response: httpx.Response, what: str) -> APIError:
-    """The typed error for an HTTP error answer to `what` ("submit to 'flux-2-pro'"...)."""
+def error_from_response(response: httpx.Response, what: str, task: Task | None = None) -> APIError:
+    """The typed error for an HTTP error answer to `what` ("submit to 'flux-2-pro'"...);
+    for a poll, the error carries the `task` polled, which may still finish."""
     status = response.status_code
     body = body_of(response)
     detail = body.get("detail") if isinstance(body, dict) else None
     said = f": {_summary(detail)}" if detail else ""
+    tail = (
+        ""
+        if task is None
+        else f". Task {task.id} was accepted (and paid) and may still finish: wait(e.task) "
+        "polls it again"
+    )
     if status in (401, 403):
         return AuthenticationError(
             f"{what} was refused ({status}){said}. Check BFL_API_KEY or the api_key "
-            "you passed; the key was not retried",
+            f"you passed; the key was not retried{tail}",
             status_code=status,
             body=body,
+            task=task,
         )
     if status == 402:
         return InsufficientCreditsError(
             f"{what} was refused: insufficient credits. Add credits at "
-            "https://dashboard.bfl.ai, then retry",
+            f"https://dashboard.bfl.ai, then retry{tail}",
             status_code=status,
             body=body,
+            task=task,
         )
     if status == 404:
         return NotFoundError(
-            f"{what}: not found (404){said}. For a submit, check the model name",
+            f"{what}: not found (404){said}. For a submit, check the model name{tail}",
             status_code=status,
             body=body,
+            task=task,
         )
     if status in (400, 422):
         return InvalidRequestError(
             f"{what} was refused as invalid ({status}){said}. Fix the request; "
-            "retrying it unchanged will fail again",
+            f"retrying it unchanged will fail again{tail}",
             status_code=status,
             body=body,
+            task=task,
         )
     if status == 429:
         return RateLimitError(
             f"{what}: too many requests or tasks in flight (429){said}. Lower the "
-            "concurrency or wait for tasks sharing this key to finish",
+            f"concurrency or wait for tasks sharing this key to finish{tail}",
             body=body,
             retry_after=parse_retry_after(response.headers.get("retry-after")),
+            task=task,
         )
     if status >= 500:
         return ServerError(
-            f"{what}: server error {status} on BFL's side; try again later",
+            f"{what}: server error {status} on BFL's side; try again later{tail}",
             status_code=status,
             body=body,
+            task=task,
         )
-    return APIError(f"{what}: unexpected answer {status}{said}", status_code=status, body=body)
+    return APIError(
+        f"{what}: unexpected answer {status}{said}{tail}", status_code=status, body=body, task=task
+    )
 
 
 class NotSent(Exception):

@@ -39,6 +39,8 @@ __all__ = ["Backoff", "PollSchedule", "watch_task"]
 logger = logging.getLogger("bfl_async")
 
 TERMINAL = frozenset({"Ready", "Request Moderated", "Content Moderated", "Error", "Task not found"})
+# Answers a poll is repeated after: a request timeout (a load balancer's), too early, too many.
+_TRANSIENT = frozenset({408, 425, 429})
 _EMPTY_READY = 3  # Ready answers without a result URL taken as glitches before giving up
 _CLOCK_SLACK = 0.5  # seconds the API's reported end may fall outside the polls' bracket
 
@@ -246,7 +248,7 @@ async def watch_task(
                 at = anyio.current_time() + retry_delay(retry_base_delay, failures)
                 continue
             code = response.status_code
-            if code in (429, 503) or code >= 500:
+            if code in _TRANSIENT or code >= 500:
                 failures += 1
                 logger.debug("poll of task %s answered %d; retrying", task.id, code)
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -258,7 +260,7 @@ async def watch_task(
                     task=task,
                 )
             if code != 200:
-                raise error_from_response(response, f"polling task {task.id}")
+                raise error_from_response(response, f"polling task {task.id}", task)
             body = body_of(response)
             status = body.get("status") if isinstance(body, dict) else None
             if not isinstance(body, dict) or not isinstance(status, str):

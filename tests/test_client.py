@@ -52,6 +52,7 @@ from .helpers import (
     accepted,
     error_answer,
     image,
+    moderated,
     poll_answer,
     polling_url,
     ready,
@@ -241,6 +242,26 @@ async def test_poll_errors_that_polling_cannot_fix_end_the_watch(
     with pytest.raises(error):
         await client.wait(task)
     assert client.limiter.in_use() == 0
+
+
+async def test_a_task_whose_polling_failed_is_polled_again_by_the_next_wait(
+    client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    # A gateway's odd answer to a poll: the task is paid and may be ready; its handle is
+    # not lost with the error, and waiting for it again polls again.
+    route_task(mock, error_answer(400, "gateway says no"), ready())
+    with pytest.raises(InvalidRequestError, match=r"wait\(e.task\) polls it again") as caught:
+        await client.generate("flux-2-pro", prompt="x", output_dir=tmp_path)
+    task = caught.value.task
+    assert task is not None and task.id == "task-1"
+    assert (await client.wait(task)).seed == 42 and client.limiter.in_use() == 0
+    # The task's own end is kept: waiting again does not poll again.
+    _, poll, _ = route_task(mock, moderated("Content Moderated"), ready(), task_id="task-2")
+    task = await client.submit("flux-2-pro", prompt="x")
+    for _ in range(2):
+        with pytest.raises(ModerationError):
+            await client.wait(task)
+    assert poll.call_count == 1
 
 
 async def test_ready_without_sample_is_asked_again_then_a_typed_error(

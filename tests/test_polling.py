@@ -12,7 +12,14 @@ import httpx
 import pytest
 from trio.testing import MockClock
 
-from bfl_async import Backoff, GenerationError, ModerationError, Task, TaskNotFoundError
+from bfl_async import (
+    APIError,
+    Backoff,
+    GenerationError,
+    ModerationError,
+    Task,
+    TaskNotFoundError,
+)
 from bfl_async._http import API as Api
 from bfl_async._limits import PollBudget
 from bfl_async._polling import watch_task
@@ -138,6 +145,22 @@ async def test_retry_after_on_a_refused_poll_is_obeyed(
     await watch(client)
     assert len(sent) == 2
     assert 7.0 <= planned_waits[1] <= 7.0 * 1.25  # the wait before the second poll
+
+
+@pytest.mark.parametrize("code", [408, 425])
+async def test_a_poll_answered_timeout_or_too_early_is_repeated(code: int) -> None:
+    # A load balancer's 408: the task, paid, is not lost to it.
+    client, sent = answering(httpx.Response(code, text="<html>Request Timeout</html>"), ready())
+    result = await watch(client)
+    assert len(sent) == 2 and result.sample
+
+
+@pytest.mark.parametrize("code", [400, 403, 418])
+async def test_a_poll_error_carries_the_task_which_may_still_finish(code: int) -> None:
+    client, _ = answering(httpx.Response(code, json={"detail": "no"}))
+    with pytest.raises(APIError, match=r"wait\(e.task\) polls it again") as caught:
+        await watch(client)
+    assert caught.value.task == TASK and caught.value.status_code == code
 
 
 async def test_retry_after_on_a_normal_answer_is_advice() -> None:
