@@ -13,6 +13,7 @@ Under trio, and on Python 3.10, it hands over to httpcore's own backends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import sys
 from collections.abc import Iterable
@@ -42,7 +43,8 @@ class _Protocol(asyncio.BufferedProtocol):
     """Receives into one fixed buffer and wakes the one reader or writer waiting.
 
     The socket is read straight into the buffer, and not read while it is full: a
-    connection holds at most `_BUFFER` bytes however fast a download arrives.
+    connection holds at most `_BUFFER` bytes however fast a download arrives (and, once
+    the server has closed, what TLS still holds).
     """
 
     def __init__(self) -> None:
@@ -77,9 +79,24 @@ class _Protocol(asyncio.BufferedProtocol):
         self._wake_reader()
 
     def eof_received(self) -> bool:
+        self._take_decrypted()
         self.closed = True
         self._wake_reader()
         return False  # the transport closes itself: HTTP/1.1 has no use for a half-open one
+
+    def _take_decrypted(self) -> None:
+        """What asyncio's TLS layer has not handed over when the server closes: it hands
+        over one buffer's worth then, and drops the rest (Python 3.11 to 3.13 at least)."""
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if ssl_object is None:
+            return
+        pieces = [self.buffer[self.start : self.end]]
+        with contextlib.suppress(ssl.SSLError):  # a partial record, or the close_notify
+            while piece := ssl_object.read(_BUFFER):
+                pieces.append(piece)
+        if len(pieces) > 1:
+            self.buffer = bytearray().join(pieces)
+            self.start, self.end = 0, len(self.buffer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -191,7 +208,9 @@ class _Stream(httpcore.AsyncNetworkStream):
                 raise httpcore.WriteError(str(protocol.error or "the connection is closed"))
 
     async def aclose(self) -> None:
-        self._transport.close()
+        # At once, as httpcore's own backends: close() waits for a stalled server to take
+        # the unsent bytes, or over TLS (up to 30 s) to answer the close_notify.
+        self._transport.abort()
 
     async def start_tls(
         self,

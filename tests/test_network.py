@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -229,11 +231,17 @@ def authority() -> trustme.CA:
     return trustme.CA()
 
 
-async def test_tls_round_trip_and_a_wrong_name_is_refused(authority: trustme.CA) -> None:
+def tls_contexts(authority: trustme.CA) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server's context for `localhost`, and a client's that trusts it."""
     served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("localhost").configure_cert(served)
     trusting = ssl.create_default_context()
     authority.configure_trust(trusting)
+    return served, trusting
+
+
+async def test_tls_round_trip_and_a_wrong_name_is_refused(authority: trustme.CA) -> None:
+    served, trusting = tls_contexts(authority)
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(await reader.readexactly(4))
@@ -256,10 +264,7 @@ async def test_tls_round_trip_and_a_wrong_name_is_refused(authority: trustme.CA)
 
 
 async def test_the_client_talks_to_an_https_api_through_the_backend(authority: trustme.CA) -> None:
-    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("localhost").configure_cert(served)
-    trusting = ssl.create_default_context()
-    authority.configure_trust(trusting)
+    served, trusting = tls_contexts(authority)
     body = b'{"credits": 12.5}'
 
     async def credits(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -277,6 +282,95 @@ async def test_the_client_talks_to_an_https_api_through_the_backend(authority: t
         async with AsyncBFL(api_key="k", base_url=url) as untrusting:
             with pytest.raises(APIConnectionError):
                 await untrusting.credits()
+
+
+def tls_saw_eof(stream: httpcore.AsyncNetworkStream) -> bool:
+    """asyncio's TLS layer under `stream` has read the server's FIN."""
+    assert isinstance(stream, _Stream)
+    return bool(stream._transport._ssl_protocol._eof_received)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("close_notify", [False, True])
+async def test_a_tls_server_closing_after_its_last_bytes_loses_none_of_them(
+    authority: trustme.CA, close_notify: bool
+) -> None:
+    """When the peer closes, asyncio's TLS layer hands over all it holds in one call and
+    drops what does not fit: a response followed at once by the close was cut short
+    (silently, for a body that ends with the connection)."""
+    served, trusting = tls_contexts(authority)
+    payload = bytes(range(256)) * 768  # 192 KiB: more than the buffer, less than TLS holds
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        listening.settimeout(10)
+
+        def send_and_close() -> None:
+            connection, _ = listening.accept()
+            with served.wrap_socket(connection, server_side=True) as tls:
+                tls.sendall(payload)
+                if close_notify:  # sent, without waiting for the client's
+                    tls.setblocking(False)
+                    with contextlib.suppress(ssl.SSLWantReadError):
+                        tls.unwrap()
+
+        server_thread = threading.Thread(target=send_and_close)
+        server_thread.start()
+        port = listening.getsockname()[1]
+        plain = await NetworkBackend().connect_tcp("127.0.0.1", port, timeout=5)
+        stream = await plain.start_tls(trusting, server_hostname="localhost", timeout=5)
+        await asyncio.to_thread(server_thread.join)
+        await until(lambda: tls_saw_eof(stream))  # everything, and the close, has arrived
+        got = bytearray()
+        while piece := await stream.read(65536, timeout=5):
+            assert len(piece) <= 65536
+            got += piece
+        assert len(got) == len(payload)
+        assert got == payload
+        await stream.aclose()
+
+
+async def test_closing_lets_go_of_the_socket_at_once_with_bytes_left_unsent() -> None:
+    """As httpcore's own backends: no waiting for a stalled server to take them."""
+    stop = asyncio.Event()
+
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await stop.wait()
+
+    async with server(never_reads) as port:
+        stream = await NetworkBackend().connect_tcp("127.0.0.1", port, timeout=5)
+        sock = stream.get_extra_info("socket")
+        with pytest.raises(httpcore.WriteTimeout):
+            await stream.write(b"x" * (32 * 1024 * 1024), timeout=0.05)
+        await stream.aclose()
+        await until(lambda: sock.fileno() == -1)
+        stop.set()
+
+
+async def test_closing_a_tls_connection_does_not_wait_for_the_server(
+    authority: trustme.CA,
+) -> None:
+    """A hung server never answers TLS's close_notify: the socket stayed open up to 30 s,
+    and past the end of the event loop (an unclosed transport)."""
+    served, trusting = tls_contexts(authority)
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        listening.settimeout(10)
+        done = threading.Event()
+
+        def stall() -> None:  # the handshake, and then nothing
+            connection, _ = listening.accept()
+            with served.wrap_socket(connection, server_side=True):
+                done.wait(10)
+
+        server_thread = threading.Thread(target=stall)
+        server_thread.start()
+        try:
+            port = listening.getsockname()[1]
+            plain = await NetworkBackend().connect_tcp("127.0.0.1", port, timeout=5)
+            stream = await plain.start_tls(trusting, server_hostname="localhost", timeout=5)
+            sock = stream.get_extra_info("socket")
+            await stream.aclose()
+            await until(lambda: sock.fileno() == -1)
+        finally:
+            done.set()
+            await asyncio.to_thread(server_thread.join)
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
