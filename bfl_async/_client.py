@@ -555,6 +555,9 @@ class AsyncBFL:
             slot = await self._limiter.acquire(pool, front=front)
             queued = anyio.current_time() - started
             try:
+                # A limiter may hand out a slot without a checkpoint (`Limiter` has one):
+                # a caller cancelled by then must not submit.
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 if before_send is not None:
                     await before_send()
                 tg = self._task_group()

@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from . import _redis_scripts as scripts
 from ._errors import LimiterUnavailableError
-from ._limits import _MARGIN, DEFAULT_LIMITS, PollBudget
+from ._limits import DEFAULT_LIMITS, PollBudget
 from .webhooks import WebhookEvent
 
 __all__ = ["RedisLimiter", "RedisPollBudget", "redact_url"]
@@ -648,7 +648,7 @@ class RedisPollBudget(PollBudget):
     def __init__(self, limiter: RedisLimiter, per_second: float = 20.0) -> None:
         super().__init__(per_second)
         self._limiter = limiter
-        self._gap_us = round(1_000_000 * (1.0 + _MARGIN) / per_second)
+        self._gap_us = round(1_000_000 * self._gap)  # the same pacing, shared
         self._warned = False
         self._skip_until = 0.0
 

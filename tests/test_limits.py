@@ -210,3 +210,21 @@ async def test_a_submit_cancelled_before_it_starts_sends_nothing() -> None:
                 await client.submit("flux-2-pro", prompt="a red fox")
             assert not submit.called  # nothing paid for a call cancelled before it began
             assert client.limiter.in_use() == 0
+
+
+class _NoCheckpoint(Limiter):
+    """A custom limiter handing out slots without a checkpoint."""
+
+    async def acquire(self, pool: str, *, front: bool = False) -> Slot:
+        return self.claim(pool)
+
+
+async def test_a_custom_limiters_slot_is_not_used_by_a_cancelled_submit() -> None:
+    limiter = _NoCheckpoint()
+    with respx.mock(assert_all_called=False) as mock:
+        submit = mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+        async with AsyncBFL(**{**FAST, "limiter": limiter}) as client:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await client.submit("flux-2-pro", prompt="a red fox")
+            assert not submit.called and limiter.in_use() == 0

@@ -262,6 +262,26 @@ async def test_the_poll_budget_is_shared_by_every_worker(redis: RedisServer) -> 
     assert sent[-1] - sent[0] >= 47 / 20 * 0.95
 
 
+async def test_a_shared_budget_that_is_not_a_whole_number_paces_at_the_one_below(
+    redis: RedisServer,
+) -> None:
+    async with limiters(redis, 2) as workers:
+        budgets = [RedisPollBudget(w, per_second=2.5) for w in workers]
+        sent: list[float] = []
+
+        async def poll(budget: RedisPollBudget) -> None:
+            for _ in range(3):
+                await budget.send()
+                sent.append(time.monotonic())
+
+        async with anyio.create_task_group() as tg:
+            for budget in budgets:
+                tg.start_soon(poll, budget)
+    sent.sort()
+    # 2 a second, not 3: any three polls span a second (0.82 s at 1.02 / 2.5 apart).
+    assert min(sent[i + 2] - sent[i] for i in range(len(sent) - 2)) > 0.95
+
+
 async def test_a_webhook_verified_on_one_worker_reaches_the_waiter_on_another(
     redis: RedisServer,
 ) -> None:
