@@ -174,7 +174,7 @@ def test_generate_a_moderated_prompt_fails_with_one_clean_line(
         ("guidance=2.5", ("guidance", 2.5)),
         ("raw=true", ("raw", True)),
         ("output_format=png", ("output_format", "png")),
-        ('prompt="42"', ("prompt", "42")),
+        ('prompt="42"', ("prompt", '"42"')),
         ("aspect_ratio=16:9", ("aspect_ratio", "16:9")),
         ("prompt=a=b", ("prompt", "a=b")),
         ("x=NaN", ("x", "NaN")),
@@ -371,6 +371,77 @@ def test_an_output_dir_that_cannot_be_made_is_an_input_error(tmp_path: Path) -> 
     assert result.stderr.startswith("error: cannot create the output directory")
 
 
+@pytest.fixture
+def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
+    """An existing directory no file can be created in, even by root (/proc on Linux)."""
+    if os.geteuid() != 0:
+        directory = tmp_path / "read-only"
+        directory.mkdir(mode=0o500)
+        yield directory
+        directory.chmod(0o700)
+    elif Path("/proc/self").is_dir():
+        yield Path("/proc")
+    else:
+        pytest.skip("needs a directory root cannot write to")
+
+
+@pytest.mark.parametrize("command", ["generate", "batch"])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_paying(
+    command: str, unwritable_dir: Path, start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake()
+    jobs = write_jobs(tmp_path / "jobs.jsonl", {"model": "flux-2-klein-4b", "prompt": "a fox"})
+    what = ["generate", "flux-2-klein-4b", "a fox"] if command == "generate" else ["batch", jobs]
+    result = bfl(*what, "-o", unwritable_dir, "--base-url", fake.base_url, "--api-key", KEY)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: cannot write to the output directory {unwritable_dir}")
+    assert fake.submit_attempts == 0
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["plain", "terminal"])
+def test_brackets_and_colons_in_paths_and_names_are_printed_as_they_are(
+    terminal: bool, tmp_path: Path
+) -> None:
+    out = tmp_path / "[/b] [v2] :smile:"
+    env = {"FORCE_COLOR": "1", "COLUMNS": "400"} if terminal else None
+    result = bfl("generate", "flux-2-pro", "fox", "--name", "[b]fox", "-o", out, "--fake", env=env)
+    assert result.exit_code == 0, result.output
+    assert f"path    {out / '[b]fox.jpg'}" in ANSI.sub("", result.stdout)
+    name = "[bold]fox :smile:"
+    jobs = write_jobs(out / "jobs.jsonl", {"model": "flux-2-pro", "prompt": "fox", "name": name})
+    result = bfl("batch", jobs, "-o", out, "--fake", "--budget", "1", env=env)
+    assert result.exit_code == 1, result.output  # skipped, over budget: named in the summary
+    plain = ANSI.sub("", result.stdout)
+    assert f"-> {out} (estimated" in plain and str(out / "results.jsonl") in plain
+    assert name in plain
+    estimate = bfl("estimate", jobs, env=env)  # the table's title names the file
+    assert estimate.exit_code == 0 and "[/b] [v2]" in estimate.stdout, estimate.output
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_unicode_line_breaks_inside_a_prompt_keep_the_line_numbers(
+    separator: str, tmp_path: Path
+) -> None:
+    prompt = {"model": "flux-2-klein-4b", "prompt": f"a sign{separator}that says hi"}
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        json.dumps(prompt, ensure_ascii=False) + "\n" + '{"model": "flux-2-pro"}\n',
+        encoding="utf-8",
+    )
+    result = bfl("estimate", jobs)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {jobs}, line 2: invalid parameters")
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_job_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"model": "flux-2-pro", "prompt": "a fox"}\r\n', encoding="utf-8-sig")
+    result = bfl("estimate", jobs)
+    assert result.exit_code == 0, result.output
+    assert "total: 3 credits ($0.03)" in result.stdout
+
+
 def test_generate_refuses_to_overwrite_a_named_image(tmp_path: Path) -> None:
     (tmp_path / "fox.jpg").write_bytes(b"old")
     result = bfl("generate", "flux-2-pro", "a fox", "--name", "fox", "-o", tmp_path, "--fake")
@@ -444,6 +515,28 @@ def test_a_wrong_key_is_one_error_line_that_never_shows_the_key(start_fake: Star
     assert result.stderr.startswith("error: ") and "403" in result.stderr
     assert result.stderr.count("\n") == 1
     assert wrong not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["credits", "--api-key", "bfl key SECRET"], "the API key has a character"),
+        (["credits", "--api-key", "bfl-clé-SECRET"], "the API key has a character"),
+        (["batch", str(EXAMPLES), "-o", "{out}", "--limiter", "http://:SECRET@x/0"],
+         "not a Redis URL"),
+    ],
+)  # fmt: skip
+def test_a_bad_key_or_limiter_url_is_one_error_line_without_the_secret(
+    args: list[str], message: str, start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake()
+    key = ["--api-key", KEY] if "--api-key" not in args else []
+    args = [arg.format(out=tmp_path / "out") for arg in args]
+    result = bfl(*args, *key, "--base-url", fake.base_url)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {message}") and result.stderr.count("\n") == 1
+    assert "SECRET" not in result.output and "Traceback" not in result.output
+    assert fake.submit_attempts == 0
 
 
 def test_an_unreachable_api_is_one_error_line() -> None:

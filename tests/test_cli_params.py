@@ -18,7 +18,10 @@ from bfl_async.cli._jobs import parse_param
         ("webhook_secret=20250101", "20250101"),
         ("webhook_secret=true", "true"),
         ("webhook_secret=null", "null"),
-        ('webhook_secret="2025"', "2025"),  # JSON quotes, as the old reading needed, go
+        ('webhook_secret="2025"', '"2025"'),  # exactly as typed: quotes are kept
+        ('webhook_secret="s3\\n"', '"s3\\n"'),  # and no JSON escapes are read
+        ("webhook_secret= x ", " x "),
+        ('input_image="ref.png"', '"ref.png"'),
         ("prompt=42", "42"),
         ("prompt=[1, 2]", "[1, 2]"),
         ("output_format=png", "png"),
@@ -56,6 +59,7 @@ def test_booleans_are_true_or_false_in_any_case(text: str, expected: Any) -> Non
         ("extra=true", True),
         ("extra=NaN", "NaN"),
         ("extra=a b", "a b"),
+        ('extra="123"', "123"),  # JSON quotes make an unknown parameter's value text
     ],
 )
 def test_numbers_and_unknown_parameters_are_json_when_they_parse(text: str, expected: Any) -> None:

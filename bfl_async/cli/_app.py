@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import enum
 import json
+import tempfile
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -157,7 +158,8 @@ def _connection(
 
 
 def _stdout() -> Console:
-    return Console(highlight=False)
+    # Paths, names and errors are printed as they are: `[v2]` is no markup, `:smile:` no emoji.
+    return Console(highlight=False, markup=False, emoji=False)
 
 
 def _print_error(message: str) -> None:
@@ -203,10 +205,16 @@ def _load_jobs(path: Path, output_dir: Path | None = None, overwrite: bool = Fal
 
 
 def _make_dir(path: Path) -> None:
+    """Create the output directory and check that files can be written there, before paying."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _fail(f"cannot create the output directory {path}: {exc.strerror}", 2) from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".bfl-write-check-"):
+            pass
+    except OSError as exc:
+        raise _fail(f"cannot write to the output directory {path}: {exc.strerror}", 2) from None
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -226,7 +234,8 @@ def generate(
             "--param",
             "-p",
             metavar="KEY=VALUE",
-            help="Any other parameter (repeatable); the value is read as JSON when it parses.",
+            help="Any other parameter (repeatable): text as typed, true/false, numbers; "
+            "JSON for a parameter the catalog does not know.",
         ),
     ] = None,
     name: Annotated[

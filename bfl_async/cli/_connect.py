@@ -75,15 +75,19 @@ async def open_client(
     """An open AsyncBFL for `connection`; with `fake`, against a FakeBFL in this event loop."""
     connection.check()
     if not connection.fake:
-        async with AsyncBFL(
-            connection.api_key,
-            region=connection.region,
-            base_url=connection.base_url,
-            limits=connection.limits,
-            limiter=connection.limiter,
-            on_submitted=on_submitted,
-            close_grace=connection.close_grace,
-        ) as client:
+        try:
+            client = AsyncBFL(
+                connection.api_key,
+                region=connection.region,
+                base_url=connection.base_url,
+                limits=connection.limits,
+                limiter=connection.limiter,
+                on_submitted=on_submitted,
+                close_grace=connection.close_grace,
+            )
+        except ValueError as exc:  # a key with a space, a limiter URL that is not redis://
+            raise CLIError(str(exc)) from None
+        async with client:
             yield client
         return
     async with AsyncExitStack() as stack:

@@ -67,25 +67,24 @@ def describe_parameter_error(exc: ParameterError) -> str:
 def parse_param(text: str) -> tuple[str, Any]:
     """Parse `key=value`, reading the value as the catalog's kind of parameter `key`.
 
-    Text parameters (prompt, webhook_secret, output_format, image paths…) keep the raw
-    text, less the quotes of a JSON string ("42"); booleans are true or false in any case;
-    numbers are JSON numbers. A value that does not fit its kind, and any value of a
-    parameter the catalog does not know, is JSON when it parses as JSON, else text.
+    Text parameters (prompt, webhook_secret, output_format, image paths…) are the text
+    exactly as typed, quotes included; booleans are true or false in any case; numbers are
+    JSON numbers. A value that does not fit its kind, and any value of a parameter the
+    catalog does not know, is JSON when it parses as JSON ("123" is text), else text.
     """
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ValueError(f"expected key=value, got {text!r}")
     kind = _kind(key)
+    if kind in _TEXT_KINDS:
+        return key, raw
     if kind == "bool" and raw.strip().lower() in ("true", "false"):
         return key, raw.strip().lower() == "true"
-    value = _json_or_text(raw)
-    if kind in _TEXT_KINDS and not isinstance(value, str):
-        return key, raw
-    return key, value
+    return key, _json_or_text(raw)
 
 
-_TEXT_KINDS = frozenset({"str", "choice", "image", "aspect_ratio"})
+_TEXT_KINDS = frozenset({"str", "choice", "image", "aspect_ratio", "url"})
 
 
 def _kind(name: str) -> str | None:
@@ -111,13 +110,14 @@ def load_jobs(path: Path, output_dir: Path | None = None, *, overwrite: bool = F
     whose image already exists there is an error too, unless `overwrite`.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # skips the BOM Notepad writes
     except (OSError, UnicodeDecodeError) as exc:
         raise JobFileError(path, [(0, f"cannot read the file: {exc}")]) from None
     jobs: list[Job] = []
     problems: list[tuple[int, str]] = []
     names: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n alone: JSON strings may hold U+2028, U+0085… that splitlines() breaks at.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
