@@ -27,11 +27,12 @@ import httpx
 
 from ._batch import Batch
 from ._catalog import CATALOG, ModelSpec
-from ._download import DEFAULT_MAX_BYTES, Downloader, saved_as
+from ._download import DEFAULT_MAX_BYTES, Downloader, check_output_dir, saved_as
 from ._download import check_file_name as _check_name
 from ._errors import (
     APIConnectionError,
     BFLError,
+    DownloadError,
     MissingAPIKeyError,
     OutputExistsError,
     ParameterError,
@@ -987,11 +988,23 @@ class AsyncBFL:
             _check_name(spec.name, name)
             if not overwrite and (existing := saved_as(directory, name)):
                 raise OutputExistsError(str(existing[0]))
+        await anyio.to_thread.run_sync(check_output_dir, spec.name, directory)
         watch, queued, submit = await self._submit(spec.name, spec.pool, body, params, on_submitted)
         try:
             result = await self._await(watch, timeout)
             seen = anyio.current_time()
-            path = await self.download(result, directory, name=name, overwrite=overwrite)
+            try:
+                path = await self.download(result, directory, name=name, overwrite=overwrite)
+            except OSError as exc:
+                if isinstance(exc, OutputExistsError):  # kept as `e.kept`
+                    raise
+                # The paid image is still at its URL: the caller needs the result to fetch it.
+                raise DownloadError(
+                    f"the image of task {result.task.id} could not be saved in {directory} "
+                    f"({exc}); download e.result again, elsewhere, while its URL is valid",
+                    task=result.task,
+                    result=result,
+                ) from exc
         except anyio.get_cancelled_exc_class():
             _log_left(watch.task, "generate was cancelled before its image was saved")
             raise

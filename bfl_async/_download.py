@@ -14,6 +14,7 @@ import datetime as dt
 import logging
 import os
 import secrets
+import tempfile
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "Downloader",
     "check_file_name",
+    "check_output_dir",
     "image_suffix",
     "saved_as",
 ]
@@ -113,6 +115,26 @@ def check_file_name(model: str, name: str) -> None:
                 )
             ],
         )
+
+
+def check_output_dir(model: str, directory: Path) -> None:
+    """Refuse, before anything is paid, a directory no image could be saved in (a file, a
+    read-only mount): create it if needed, and a file in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".bfl-write-check-"):
+            pass
+    except OSError as exc:
+        raise ParameterError(
+            model,
+            [
+                Problem(
+                    "output_dir",
+                    f"{str(directory)!r} cannot take files ({exc.strerror or exc})",
+                    "a directory that can be written to",
+                )
+            ],
+        ) from None
 
 
 class _Broken(Exception):

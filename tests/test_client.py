@@ -1030,6 +1030,37 @@ async def test_existing_file_is_found_before_paying(
     assert submit.call_count == 0
 
 
+async def test_an_output_dir_that_cannot_take_files_is_refused_before_paying(
+    client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    submit, _, _ = route_task(mock, ready())
+    (tmp_path / "taken").write_bytes(b"a file, not a directory")
+    for directory in (tmp_path / "taken", tmp_path / "taken" / "out"):
+        with pytest.raises(ParameterError, match="output_dir") as caught:
+            await client.generate("flux-2-pro", prompt="x", output_dir=directory)
+        assert caught.value.fields == ["output_dir"]
+    assert submit.call_count == 0 and list(tmp_path.iterdir()) == [tmp_path / "taken"]
+
+
+async def test_an_image_that_cannot_be_saved_leaves_its_result_with_the_error(
+    client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    route_task(mock, ready())
+    out = tmp_path / "out"
+
+    def lose_the_directory(task: Task) -> None:  # a disk unmounted while the task ran
+        out.rmdir()
+        out.write_bytes(b"")
+
+    with pytest.raises(DownloadError, match="could not be saved in") as caught:
+        await client.generate(
+            "flux-2-pro", prompt="x", output_dir=out, on_submitted=lose_the_directory
+        )
+    assert isinstance(caught.value.__cause__, OSError)
+    path = await client.download(caught.value.result, tmp_path)
+    assert path.read_bytes() == PNG
+
+
 async def test_overwrite_and_a_file_that_appeared_meanwhile(
     client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path
 ) -> None:
