@@ -131,8 +131,12 @@ class Journal:
     @classmethod
     def _open_sync(cls, path: Path) -> Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(f".{path.name}.lock")
+        # A directory that takes no files says so here; FileLock would only time out, as
+        # if another run held the lock.
+        lock.touch()
         # Released from whichever worker thread closes the journal, hence not thread-local.
-        owner = FileLock(path.with_name(f".{path.name}.lock"), thread_local=False)
+        owner = FileLock(lock, thread_local=False)
         try:
             owner.acquire(timeout=0)
         except Timeout:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,3 +52,17 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port, stopped after the test."""
     with redis_server(tmp_path) as server:
         yield server
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
+    """An existing directory no file can be created in, even by root (/proc on Linux)."""
+    if os.geteuid() != 0:
+        directory = tmp_path / "read-only"
+        directory.mkdir(mode=0o500)
+        yield directory
+        directory.chmod(0o700)
+    elif Path("/proc/self").is_dir():
+        yield Path("/proc")
+    else:
+        pytest.skip("needs a directory root cannot write to")

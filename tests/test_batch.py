@@ -937,6 +937,17 @@ async def test_a_second_run_of_a_batch_in_progress_is_refused_and_pays_nothing(
     assert fake.submits == 4
 
 
+async def test_a_directory_that_takes_no_files_is_not_called_in_use(
+    unwritable_dir: Path,
+) -> None:
+    fake = FakeBFL(generation_time=0.05)
+    async with client_for(fake) as client:
+        with pytest.raises(OSError) as caught:
+            async with client.batch(jobs(1), unwritable_dir):
+                pass
+    assert not isinstance(caught.value, BatchInUseError) and fake.submits == 0
+
+
 async def test_a_journal_held_by_another_process_is_refused_until_it_dies(
     tmp_path: Path,
 ) -> None:

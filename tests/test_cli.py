@@ -371,20 +371,6 @@ def test_an_output_dir_that_cannot_be_made_is_an_input_error(tmp_path: Path) -> 
     assert result.stderr.startswith("error: cannot create the output directory")
 
 
-@pytest.fixture
-def unwritable_dir(tmp_path: Path) -> Iterator[Path]:
-    """An existing directory no file can be created in, even by root (/proc on Linux)."""
-    if os.geteuid() != 0:
-        directory = tmp_path / "read-only"
-        directory.mkdir(mode=0o500)
-        yield directory
-        directory.chmod(0o700)
-    elif Path("/proc/self").is_dir():
-        yield Path("/proc")
-    else:
-        pytest.skip("needs a directory root cannot write to")
-
-
 @pytest.mark.parametrize("command", ["generate", "batch"])
 def test_an_output_dir_that_cannot_be_written_is_refused_before_paying(
     command: str, unwritable_dir: Path, start_fake: StartFake, tmp_path: Path

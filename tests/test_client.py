@@ -1042,6 +1042,15 @@ async def test_an_output_dir_that_cannot_take_files_is_refused_before_paying(
     assert submit.call_count == 0 and list(tmp_path.iterdir()) == [tmp_path / "taken"]
 
 
+async def test_a_read_only_output_dir_is_refused_before_paying(
+    client: AsyncBFL, mock: respx.MockRouter, unwritable_dir: Path
+) -> None:
+    submit, _, _ = route_task(mock, ready())
+    with pytest.raises(ParameterError, match=r"output_dir.*cannot take files"):
+        await client.generate("flux-2-pro", prompt="x", output_dir=unwritable_dir)
+    assert submit.call_count == 0
+
+
 async def test_an_image_that_cannot_be_saved_leaves_its_result_with_the_error(
     client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path
 ) -> None:
