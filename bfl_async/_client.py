@@ -221,6 +221,9 @@ def _check_webhook(url: str | None, secret: str | None) -> str | None:
     """The client's webhook URL, once checked to come with a secret and to be http(s)."""
     if url is None and secret is None:
         return None
+    if not isinstance(secret, str | None) or not isinstance(url, str | None):
+        # Bytes would pass here and fail every delivery's check (the route answering 500).
+        raise TypeError("webhook_url and webhook_secret must be str")
     if not url or not secret:
         raise ValueError("give webhook_url and webhook_secret together, both non-empty")
     parsed = httpx.URL(url)
@@ -848,7 +851,10 @@ class AsyncBFL:
         event = verify_webhook(body, headers, self._webhook_secret)
         self.deliver(event)
         # The load balancer may have picked a worker other than the one watching the task.
-        self._limiter.publish(event)
+        try:
+            self._limiter.publish(event)
+        except Exception:  # handled here all the same: no 500, or BFL would deliver again
+            logger.exception("passing the webhook event of task %s on failed", event.task_id)
         return event
 
     def deliver(self, event: WebhookEvent) -> bool:

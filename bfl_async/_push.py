@@ -23,16 +23,19 @@ class Slowed:
     """A PollSchedule `factor` times slower than `inner`: the safety net under webhooks.
 
     With a webhook configured the push is what ends a watch; polls only make sure a lost
-    delivery never loses a result, so they can be rare.
+    delivery never loses a result, so they can be rare, but no more than `maximum` seconds
+    apart (unless `inner` asks for longer): a result URL lives about 10 minutes.
     """
 
-    def __init__(self, inner: PollSchedule, factor: float = 10.0) -> None:
+    def __init__(self, inner: PollSchedule, factor: float = 10.0, maximum: float = 120.0) -> None:
         self.inner = inner
         self.factor = factor
+        self.maximum = maximum
 
     def next_delay(self, task: Task, attempt: int, elapsed: float, progress: float | None) -> float:
-        """The inner schedule's delay, times `factor`."""
-        return self.inner.next_delay(task, attempt, elapsed, progress) * self.factor
+        """The inner schedule's delay, times `factor`, at most `maximum` or the inner delay."""
+        delay = self.inner.next_delay(task, attempt, elapsed, progress)
+        return min(delay * self.factor, max(delay, self.maximum))
 
     def urgency(self, task: Task, pending_at: float, elapsed: float) -> float:
         """The inner schedule's."""

@@ -61,6 +61,7 @@ class WebhookEvent(BaseModel):
     result: dict[str, Any] | None = None
     """The `result` object (`sample`, `seed`...), as in a poll answer."""
     details: Any = None
+    """Why the task failed: the body's `details`, else its `error` and `message`."""
     raw: dict[str, Any] = {}
     """The whole delivery body, as BFL sent it."""
 
@@ -140,6 +141,8 @@ def _parse(body: bytes) -> WebhookEvent:
         data = json.loads(body)
     except ValueError:
         raise WebhookPayloadError("the webhook body is not JSON") from None
+    except RecursionError:
+        raise WebhookPayloadError("the webhook body is JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise WebhookPayloadError("the webhook body is not a JSON object")
     task_id = data.get("task_id", data.get("id"))
@@ -152,10 +155,13 @@ def _parse(body: bytes) -> WebhookEvent:
     if result is not None and not isinstance(result, dict):
         raise WebhookPayloadError(f"the webhook for task {task_id} has a malformed result")
     key = " ".join(status.replace("_", " ").replace("-", " ").lower().split())
+    details = data.get("details")
+    if details is None:  # BFL's guide shows failures saying why in `error` and `message`
+        details = ": ".join(str(data[k]) for k in ("error", "message") if data.get(k)) or None
     return WebhookEvent(
         task_id=task_id,
         status=_STATUSES.get(key, status),
         result=result,
-        details=data.get("details"),
+        details=details,
         raw=data,
     )

@@ -218,6 +218,11 @@ async def test_lifespan_dependency_and_router_without_the_example(tmp_path: Path
         huge = b"{" + b" " * MAX_WEBHOOK_BYTES + b"}"
         too_large = await http.post("/hooks/bfl", content=huge, headers=sign_webhook(huge, SECRET))
         assert too_large.status_code == 413
+        # Signed, but nested past what the JSON parser takes: malformed, not a server error.
+        deep = b'{"task_id": "t", "status": "SUCCESS", "x": ' + b"[" * 100_000 + b"]" * 100_000
+        deep += b"}"
+        answer = await http.post("/hooks/bfl", content=deep, headers=sign_webhook(deep, SECRET))
+        assert answer.status_code == 400 and "nested too deeply" in answer.json()["detail"]
     assert len(seen) == 2 and seen[0] is seen[1]
     assert fake.polls == 0 and fake.webhooks.delivered == 2
 

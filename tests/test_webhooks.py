@@ -20,6 +20,7 @@ from bfl_async import (
     AsyncBFL,
     Backoff,
     GenerationError,
+    Limiter,
     ModerationError,
     SubmissionUncertainError,
     Task,
@@ -140,8 +141,10 @@ def test_forged_and_malformed_is_a_verification_error() -> None:
         (b'{"task_id": "t"}', "no status"),
         (b'{"task_id": "t", "status": null}', "no status"),
         (b'{"task_id": "t", "status": "SUCCESS", "result": "http://x"}', "malformed result"),
+        (b'{"task_id": "t", "status": "SUCCESS", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+         "nested too deeply"),
     ],
-)
+)  # fmt: skip
 def test_malformed_bodies_raise_a_typed_error(body: bytes, why: str) -> None:
     with pytest.raises(WebhookPayloadError, match=why):
         verify_webhook(body, sign_webhook(body, SECRET), SECRET)
@@ -175,6 +178,24 @@ def test_id_is_accepted_as_the_task_id() -> None:
     body = b'{"id": "task-9", "status": "Error", "details": {"message": "boom"}}'
     got = verify_webhook(body, sign_webhook(body, SECRET), SECRET)
     assert (got.task_id, got.status, got.details) == ("task-9", "Error", {"message": "boom"})
+
+
+@pytest.mark.parametrize(
+    ("extra", "details"),
+    [
+        ({"error": "content_policy_violation", "message": "the prompt breaks the policy"},
+         "content_policy_violation: the prompt breaks the policy"),
+        ({"error": "out of memory"}, "out of memory"),
+        ({"error": None, "message": "timed out"}, "timed out"),
+        ({"details": "kept", "error": "not used"}, "kept"),
+        ({}, None),
+    ],
+)  # fmt: skip
+def test_a_failure_says_why_in_details_or_in_error_and_message(
+    extra: dict[str, Any], details: Any
+) -> None:
+    # BFL's guide shows failed deliveries with the reason in `error` and `message`.
+    assert event(status="Error", **extra).details == details
 
 
 def test_secrets_and_schemes_are_checked() -> None:
@@ -212,6 +233,17 @@ def test_slowed_schedule_stretches_delays_and_passes_observations_on() -> None:
     assert slowed.urgency(task, 1.0, 1.5) == 0.5
     assert now.urgency(task, 0.0, 0.2) == math.inf
     assert now.urgency(task, 1.0, 1.5) == 0.5
+
+
+def test_slowed_polls_find_a_result_long_before_its_url_expires() -> None:
+    task = Task(id="t", polling_url=polling_url("t"), model="flux-2-max")
+    # A schedule polling long tasks each minute: ten times slower, a lost push would leave
+    # a Ready task unseen ten minutes, past the life of its result URL.
+    minute = Slowed(Backoff(initial=60.0, factor=1.0, maximum=60.0, jitter=0.0))
+    assert minute.next_delay(task, 3, 200.0, None) == 120.0
+    # Never faster than the schedule itself asks.
+    rare = Slowed(Backoff(initial=300.0, factor=1.0, maximum=300.0, jitter=0.0))
+    assert rare.next_delay(task, 0, 0.0, None) == 300.0
 
 
 @pytest.mark.anyio
@@ -344,6 +376,8 @@ def test_webhook_options_are_checked_and_the_secret_never_shows() -> None:
         AsyncBFL(api_key=KEY, webhook_url="ftp://x.test/hook", webhook_secret=SECRET)
     with pytest.raises(ValueError, match="absolute http"):
         AsyncBFL(api_key=KEY, webhook_url="/bfl/webhook", webhook_secret=SECRET)
+    with pytest.raises(TypeError, match="must be str"):  # else every delivery would fail
+        AsyncBFL(api_key=KEY, webhook_url=HOOK, webhook_secret=SECRET.encode())  # type: ignore[arg-type]
     client = hooked()
     assert client.webhook_url == HOOK
     assert SECRET not in repr(client) and SECRET not in str(vars(client).get("webhook_url"))
@@ -394,6 +428,26 @@ async def test_a_delivered_event_ends_the_watch_at_once_and_frees_the_slot(
     assert poll.call_count == 0
 
 
+@pytest.mark.anyio
+async def test_a_handled_delivery_is_not_failed_by_passing_it_on(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+
+    class Unpublishable(Limiter):
+        def publish(self, event: WebhookEvent) -> None:
+            raise ValueError("cannot be serialised")
+
+    async with hooked(limiter=Unpublishable()) as client:
+        task = await client.submit("flux-2-pro", prompt="a fox")
+        body = payload()
+        with caplog.at_level(logging.ERROR, logger="bfl_async"):
+            client.handle_webhook(body, sign_webhook(body, SECRET))  # no 500 for BFL to retry
+        assert (await client.wait(task, timeout=5.0)).seed == 7
+    assert "passing the webhook event of task task-1 on failed" in caplog.text
+
+
 @BOTH
 @pytest.mark.anyio
 async def test_an_event_overtaking_the_submit_answer_is_kept(mock: respx.MockRouter) -> None:
@@ -430,6 +484,8 @@ async def test_a_rebuilt_handle_picks_up_a_kept_event(mock: respx.MockRouter) ->
          "Nudity"),
         ("Request Moderated", {}, ModerationError, "moderated"),
         ("FAILED", {"details": "out of memory"}, GenerationError, "out of memory"),
+        ("Error", {"error": "content_policy_violation", "message": "prompt refused"},
+         GenerationError, "content_policy_violation: prompt refused"),
         ("Task not found", {}, TaskNotFoundError, "does not know"),
     ],
 )  # fmt: skip
