@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 from bfl_async import AsyncBFL, Backoff, Limiter
+from bfl_async._download import url_expiry
 from bfl_async.testing import (
     FAKE_TIME_SCALE_ENV,
     MEMORY_URLS,
@@ -443,7 +445,8 @@ async def test_outcomes(anyio_backend: str, status: str, details: Any) -> None:
 async def test_expired_and_forged_urls_are_refused(anyio_backend: str) -> None:
     async with running(result_ttl=0.05) as (fake, client):
         sample = await ready_sample(client, fake)
-        expiry = float(parse_qs(urlsplit(sample).query)["se"][0])
+        expiry = url_expiry(sample)
+        assert expiry is not None
         await until(lambda: time.time() > expiry)
         expired = await client.get(sample)
         assert expired.status_code == 403
@@ -456,6 +459,8 @@ async def test_expired_and_forged_urls_are_refused(anyio_backend: str) -> None:
         assert (await client.get(fresh)).status_code == 200
         forged = await client.get(fresh.replace("sig=", "sig=0"))
         assert forged.status_code == 403 and "Signature did not match" in forged.text
+        mangled = await client.get(fresh.replace("sig=", "sig=%C3%A9"))  # not ASCII
+        assert mangled.status_code == 403
         unsigned = await client.get(fresh.split("?")[0])
         assert unsigned.status_code == 403
 
@@ -512,6 +517,61 @@ async def test_connections_are_kept_alive(anyio_backend: str) -> None:
             await client.get(task["polling_url"], headers=KEY)
             await client.get(f"{fake.base_url}/v1/credits", headers=KEY)
         assert fake.connections == {"api": 1, "polling": 1, "delivery": 0}
+
+
+async def test_served_images_do_not_pile_up_in_memory(anyio_backend: str) -> None:
+    # A benchmark serves many padded JPEGs (the default format): each must not keep a copy.
+    fake = FakeBFL(image_bytes=2 << 20, generation_time=0)
+    async with fake.client() as client:
+        tracemalloc.start()
+        try:
+            for _ in range(16):
+                sample = await ready_sample(client, fake, MEMORY_URLS.api)
+                async with client.stream("GET", sample) as streamed:
+                    assert sum([len(chunk) async for chunk in streamed.aiter_raw()]) > 2e6
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+    assert held < 4 << 20, f"{held / 2**20:.0f} MiB held after 16 images of 2 MiB"
+
+
+async def test_signed_urls_look_like_azure_sas(anyio_backend: str) -> None:
+    # Production: ?se=2025-01-07T08%3A46%3A02Z&sp=r&sv=2024-11-04&sr=b&rsct=image/jpeg&sig=...
+    async with running(result_ttl=600) as (fake, client):
+        sample = await ready_sample(client, fake, output_format="png")
+        query = urlsplit(sample).query
+        params = parse_qs(query)
+        assert list(params) == ["se", "sp", "sv", "sr", "rsct", "sig"]
+        assert query.startswith("se=") and "%3A" in query.split("&")[0]
+        expiry = params["se"][0]
+        end_time = fake.tasks[next(iter(fake.tasks))].end_time
+        assert expiry == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end_time + 600))
+        assert params["rsct"] == ["image/png"]
+        assert (await client.get(sample)).status_code == 200
+
+
+async def test_a_webhook_url_that_is_no_url_is_a_422(anyio_backend: str) -> None:
+    async with running(generation_time=0) as (fake, client):
+        for url in ("http://[::1/hook", "ftp://example.com/hook", "/hook", 7):
+            refused = await submit(client, fake, webhook_url=url, webhook_secret="s")
+            assert refused.status_code == 422, url
+            assert refused.json()["detail"][0]["loc"] == ["body", "webhook_url"]
+        assert fake.submits == 0
+        await anyio.sleep(0.05)  # the fake's webhook sender is still fine
+        assert (await submit(client, fake)).status_code == 200
+
+
+async def test_webhooks_ignore_the_environments_proxy(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # BFL calls the receiver from its own servers, not through the developer's proxy.
+    async with httpx.AsyncClient(timeout=10) as client, FakeBFL() as receiver:
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")
+        async with FakeBFL(generation_time=0, webhook_retries=0) as fake:
+            hook = f"{receiver.base_url}/v1/credits"  # any loopback answer will do
+            await submit(client, fake, webhook_url=hook, webhook_secret="s")
+            await until(lambda: bool(fake.webhooks.delivered or fake.webhooks.failed))
+            assert len(receiver.keys_seen["api"]) == 1  # it reached the receiver directly
 
 
 # -- faults ------------------------------------------------------------------------------

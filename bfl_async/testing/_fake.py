@@ -11,7 +11,8 @@ shapes, and can inject faults on request.
 
 from __future__ import annotations
 
-import hashlib
+import base64
+import datetime as dt
 import hmac
 import json
 import math
@@ -27,6 +28,7 @@ from email.utils import formatdate
 from functools import partial
 from types import TracebackType
 from typing import Any, Literal, get_args
+from urllib.parse import urlencode
 
 import anyio
 import httpx
@@ -83,6 +85,11 @@ DEFAULT_LIMITS: Mapping[str, int] = {"standard": 24, "kontext-max": 6}
 _POLL_HEADERS = (("retry-after", "1"), ("x-ratelimit-limit", "1200"))
 _MEGAPIXEL = 1 << 20
 _FLUX2_MAX_MP = 4.0
+_IMAGES_KEPT = 64
+"""Rendered images kept for repeated downloads; older ones are rendered again if asked."""
+_SAS_TIME = "%Y-%m-%dT%H:%M:%SZ"
+_UTC = dt.timezone.utc
+_LAST_SAS_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
 _SERVER_NAMES: Mapping[HostKind, str] = {
     "api": "fake-bfl",
     "polling": "fake-bfl",
@@ -468,15 +475,19 @@ class FakeBFL:
         output_format: str | None = None,
         urls: HostURLs | None = None,
     ) -> str:
-        """The signed delivery URL of a task's image; it expires `result_ttl` seconds after
-        the task ends, or at `expires_at` (epoch seconds). It points to `urls.delivery`: by
-        default the loopback host while the fake is entered, else the in-memory one."""
+        """The signed delivery URL of a task's image, an Azure SAS as BFL's: it expires
+        (`se=`, ISO 8601 to the second, rounded down) `result_ttl` seconds after the task
+        ends, or at `expires_at` (epoch seconds). It points to `urls.delivery`: by default
+        the loopback host while the fake is entered, else the in-memory one."""
         task = self.tasks[task_id]
-        path = f"/results/{task_id}/sample.{output_format or task.output_format}"
+        fmt = output_format or task.output_format
+        path = f"/results/{task_id}/sample.{fmt}"
         expiry = task.end_time + self.result_ttl if expires_at is None else expires_at
-        se = f"{expiry:.3f}"
+        se = _utc(min(expiry, _LAST_SAS_TIME)).strftime(_SAS_TIME)
+        sas = {"se": se, "sp": "r", "sv": "2024-11-04", "sr": "b", "rsct": CONTENT_TYPES[fmt]}
+        sas["sig"] = self._signature(path, se)
         base = (urls or self._loopback or MEMORY_URLS).delivery
-        return f"{base}{path}?se={se}&sig={self._signature(path, se)}"
+        return f"{base}{path}?{urlencode(sas, safe='/')}"
 
     # -- the hosts -----------------------------------------------------------------------
 
@@ -670,18 +681,21 @@ class FakeBFL:
     def _deliver(self, request: Request, task_id: str, ext: str) -> Response:
         se = request.query.get("se", "")
         sig = request.query.get("sig", "")
-        if not hmac.compare_digest(sig, self._signature(request.path, se)):
+        if not hmac.compare_digest(sig.encode(), self._signature(request.path, se).encode()):
             return _auth_failed("Signature did not match.")
-        expiry = float(se)  # it parses: the signature matched, so the fake wrote it
+        # It parses: the signature matched, so the fake wrote it.
+        expiry = dt.datetime.strptime(se, _SAS_TIME).replace(tzinfo=_UTC).timestamp()
         if expiry <= time.time():
             return _auth_failed(_expired_detail(expiry))
         task = self.tasks.get(task_id)
         if task is None:
             return _azure_error(404, "BlobNotFound", "The specified blob does not exist.")
-        parts = self._images.get((task_id, ext))
+        parts = self._images.pop((task_id, ext), None)
         if parts is None:
             parts = render(ext, task_id, self.image_size, self.image_bytes)
-            self._images[(task_id, ext)] = parts
+        self._images[(task_id, ext)] = parts  # the most recently served last
+        if len(self._images) > _IMAGES_KEPT:
+            del self._images[next(iter(self._images))]
         return Response(
             200,
             parts,
@@ -691,7 +705,8 @@ class FakeBFL:
         )
 
     def _signature(self, path: str, se: str) -> str:
-        return hmac.new(self._secret, f"{path}\n{se}".encode(), hashlib.sha256).hexdigest()
+        digest = hmac.digest(self._secret, f"{path}\n{se}".encode(), "sha256")
+        return base64.b64encode(digest).decode("ascii")
 
     # -- shared --------------------------------------------------------------------------
 
@@ -780,6 +795,10 @@ def _auth_failed(detail: str) -> Response:
     return _azure_error(403, "AuthenticationFailed", message, detail)
 
 
+def _utc(timestamp: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(timestamp, _UTC)
+
+
 def _expired_detail(expiry: float) -> str:
     return (
         "Signature not valid in the specified time frame: "
@@ -822,7 +841,23 @@ def _parse_body(raw: bytes, needs: str) -> tuple[dict[str, Any], dict[str, Any] 
     if "prompt" in body and body["prompt"] is not None and not isinstance(body["prompt"], str):
         msg = "Input should be a valid string"
         return body, {"loc": ["body", "prompt"], "msg": msg, "type": "string_type"}
-    return body, None
+    return body, _webhook_url_problem(body.get("webhook_url"))
+
+
+def _webhook_url_problem(value: Any) -> dict[str, Any] | None:
+    """Why `value` is no `webhook_url` BFL could call (pydantic's words), or None."""
+    if value is None:
+        return None
+    problem: dict[str, Any] = {"loc": ["body", "webhook_url"], "input": value}
+    if not isinstance(value, str):
+        return problem | {"msg": "URL input should be a string or URL", "type": "url_type"}
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        return problem | {"msg": f"Input should be a valid URL, {exc}", "type": "url_parsing"}
+    if url.scheme not in ("http", "https") or not url.host:
+        return problem | {"msg": "URL scheme should be 'http' or 'https'", "type": "url_scheme"}
+    return None
 
 
 def _price(

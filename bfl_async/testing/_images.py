@@ -8,6 +8,7 @@ the padding is one shared block repeated, so a padded image costs no extra memor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import struct
@@ -42,9 +43,15 @@ def render(fmt: str, key: str, size: tuple[int, int], pad_to: int | None = None)
 
 
 def _padding(size: int) -> list[bytes]:
-    """`size` bytes of padding, as references to the shared block."""
+    """`size` bytes of padding, as references to the shared block (and to a shared tail)."""
     whole, rest = divmod(size, len(_BLOCK))
-    return [_BLOCK] * whole + ([_BLOCK[:rest]] if rest else [])
+    return [_BLOCK] * whole + ([_tail(rest)] if rest else [])
+
+
+@functools.lru_cache(maxsize=8)
+def _tail(size: int) -> bytes:
+    """The first `size` bytes of the block, made once: every image of a size shares it."""
+    return _BLOCK[:size]
 
 
 def _lerp(a: int, b: int, num: int, den: int) -> int:

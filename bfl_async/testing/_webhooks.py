@@ -65,7 +65,8 @@ class WebhookSender:
 
     def start(self, task_group: anyio.abc.TaskGroup) -> None:
         """Send deliveries from `task_group` until it is cancelled."""
-        self._http = httpx.AsyncClient(transport=self._transport, timeout=5.0)
+        # BFL calls receivers from its own servers, never through this machine's proxy.
+        self._http = httpx.AsyncClient(transport=self._transport, timeout=5.0, trust_env=False)
         self._tg = task_group
         task_group.start_soon(self._run, name="fake-bfl-webhooks")
 
