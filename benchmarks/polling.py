@@ -21,6 +21,7 @@ plots detection delay against polls per task, and the poll-budget curve (matplot
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import hashlib
 import heapq
@@ -172,9 +173,12 @@ def measure(run: Run, report: dict[str, Any], fake: dict[str, Any]) -> dict[str,
     jobs = report["jobs"]
     done = [job for job in jobs if job["error"] is None and job["task_id"] in tasks]
     delays = [job["seen"] - tasks[job["task_id"]]["end_time"] for job in done]
-    ideal = list_schedule([task["duration"] for task in fake["tasks"]], run.workload.slots)
+    # The jobs' generation times (the fake's first `jobs`): a client that submitted a job
+    # twice must not lengthen its own ideal, nor spread its polls over the extra task.
+    durations = [task["duration"] for task in fake["tasks"]][: run.workload.jobs]
+    ideal = list_schedule(durations, run.workload.slots)
     makespan = max((job["saved"] for job in done), default=math.nan) - report["started"]
-    count = max(1, fake["submits"])
+    count = run.workload.jobs
     return {
         "makespan": makespan,
         "ideal": ideal,
@@ -350,21 +354,25 @@ def plan(
     clients: Sequence[str],
     budgets: Sequence[float],
 ) -> list[Run]:
-    """Every run, seed by seed, so slow drift of the machine touches every client alike."""
+    """Every run, seed by seed, so slow drift of the machine touches every client alike; the
+    clients take turns going first from one seed to the next."""
     runs: list[Run] = []
     alias_20 = defaults_match_budget_20() and "bfl_async" in clients
-    for seed in seeds:
+    for n, seed in enumerate(seeds):
         for workload in workloads:
-            for client in clients:
-                if client == "blackforest" and workload.flux1_model is None:
-                    continue
-                runs.append(Run(workload, seed, client, client))
-            if workload.name != BUDGET_WORKLOAD:
-                continue
-            for rate in budgets:
-                if rate == 20 and alias_20:
-                    continue
-                runs.append(Run(workload, seed, budget_label(rate), "bfl_async", rate))
+            turn = [
+                Run(workload, seed, client, client)
+                for client in clients
+                if client != "blackforest" or workload.flux1_model is not None
+            ]
+            if workload.name == BUDGET_WORKLOAD:
+                turn += [
+                    Run(workload, seed, budget_label(rate), "bfl_async", rate)
+                    for rate in budgets
+                    if not (rate == 20 and alias_20)
+                ]
+            first = n % len(turn)
+            runs += turn[first:] + turn[:first]
     return runs
 
 
@@ -412,32 +420,35 @@ def table(rows: list[list[str]], markdown: bool) -> str:
     )
 
 
-TARGETS = (
-    # (workload, metric, limit, description); a None limit compares with blackforest
-    ("flux2-96", "detect_p50", 0.4, "detection delay p50 <= 0.4 s"),
-    ("flux2-96", "detect_p90", 0.9, "detection delay p90 <= 0.9 s"),
-    ("flux2-96", "polls_per_task", 3.6, "<= 3.6 polls per task"),
-    ("flux2-96", "peak_polls_per_s", 20, "peak poll rate <= 20/s"),
-    ("flux2-96", "makespan_ratio", 1.08, "makespan within 8 % of ideal"),
-    ("flux2-96", "rate_limited", 0, "0 429s"),
-    ("20mb-48", "peak_rss_mb", 64, "peak RSS < 64 MB, 20 MiB images"),
-    ("flux2-96", "cpu_ms_per_job", None, "CPU per job <= blackforest's"),
+TARGETS: tuple[tuple[str, str, float, str, bool], ...] = (
+    # (workload, metric, limit, description, relative): a relative limit is a multiple of
+    # blackforest's figure
+    ("flux2-96", "detect_p50", 0.4, "detection delay p50 <= 0.4 s", False),
+    ("flux2-96", "detect_p90", 0.9, "detection delay p90 <= 0.9 s", False),
+    ("flux2-96", "polls_per_task", 3.6, "<= 3.6 polls per task", False),
+    ("flux2-96", "peak_polls_per_s", 20, "peak poll rate <= 20/s", False),
+    ("flux2-96", "makespan_ratio", 1.08, "makespan within 8 % of ideal", False),
+    ("flux2-96", "makespan_ratio", 1.0, "makespan <= blackforest's", True),
+    ("flux2-96", "polls_per_task", 0.6, "40 % fewer polls than blackforest", True),
+    ("flux2-96", "rate_limited", 0, "0 429s", False),
+    ("20mb-48", "peak_rss_mb", 64, "peak RSS < 64 MB, 20 MiB images", False),
+    ("flux2-96", "cpu_ms_per_job", 1.0, "CPU per job <= blackforest's", True),
 )
 
 
 def target_rows(summary: dict[str, dict[str, dict[str, float]]]) -> list[list[str]]:
     """bfl_async against the targets of issue 5."""
     rows = [["target", "bfl_async", "met"]]
-    for workload, key, limit, text in TARGETS:
+    for workload, key, limit, text, relative in TARGETS:
         ours = summary.get(workload, {}).get("bfl_async")
         if ours is None:
             continue
         value = ours[key]
-        if limit is None:
+        if relative:
             theirs = summary.get(workload, {}).get("blackforest")
             if theirs is None:
                 continue
-            ok = value <= theirs[key]
+            ok = value <= limit * theirs[key]
             shown = f"{fmt(key, value)} vs {fmt(key, theirs[key])}"
         else:
             ok = value < limit if key == "peak_rss_mb" else value <= limit
@@ -554,7 +565,8 @@ def plot(data: dict[str, Any], path: Path) -> bool:
         right.axhline(1.08, color="grey", ls="--", lw=1, label="ideal + 8 %")
         right.set_xscale("log", base=2)
         right.set_xticks(rates, [f"{r:g}" for r in rates])
-        right.set_xlabel("poll budget R (polls/s; polls_per_task = 3.5 R / 20)")
+        per_20 = curve[0]["polls_per_task_setting"] * 20 / curve[0]["poll_rate"]
+        right.set_xlabel(f"poll budget R (polls/s; polls_per_task = {per_20:g} R / 20)")
         right.set_ylabel("makespan / ideal")
         twin = right.twinx()
         twin.plot(
@@ -591,6 +603,9 @@ def snapshot_library(into: Path) -> dict[str, str]:
 
     source = Path(bfl_async.__file__).parent
     shutil.copytree(source, into / "bfl_async", ignore=shutil.ignore_patterns("__pycache__"))
+    # Compiled once here: with no bytecode written, every client process would compile the
+    # library afresh (outside the CPU measured, but not outside its peak RSS).
+    compileall.compile_dir(into / "bfl_async", quiet=1)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(into), env.get("PYTHONPATH")]))
     return env
