@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import select
+import shlex
 import signal
 import struct
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 from anyio.from_thread import start_blocking_portal
 from typer.testing import CliRunner, Result
 
-from bfl_async import MODELS
+from bfl_async import MODELS, Task
 from bfl_async.cli import app
 from bfl_async.cli._batch import BatchStats, JobResult, parse_budget
 from bfl_async.cli._connect import Connection
@@ -474,6 +475,14 @@ def test_without_a_key_the_command_says_so_and_exits_2(args: list[str], tmp_path
     assert not out.exists()
 
 
+def test_wait_without_a_key_says_so_and_exits_2(tmp_path: Path) -> None:
+    handle = '{"id": "x", "polling_url": "https://api.eu2.bfl.ai/v1/get_result?id=x", "model": "m"}'
+    result = bfl("wait", handle, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "BFL_API_KEY is not set" in result.stderr and "--fake" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_key_counts_as_none() -> None:
     result = bfl("credits", env={"BFL_API_KEY": ""})
     assert result.exit_code == 2 and "BFL_API_KEY is not set" in result.stderr
@@ -532,7 +541,9 @@ def test_an_unreachable_api_is_one_error_line() -> None:
     assert KEY not in result.output
 
 
-@pytest.mark.parametrize("command", ["generate", "batch", "credits", "estimate", "models", ""])
+@pytest.mark.parametrize(
+    "command", ["generate", "wait", "batch", "credits", "estimate", "models", ""]
+)
 def test_help_never_shows_the_key(command: str) -> None:
     result = bfl(*filter(None, [command]), "--help", env={"BFL_API_KEY": KEY})
     assert result.exit_code == 0
@@ -874,3 +885,208 @@ def test_a_third_sigint_abandons_a_submit_bfl_holds(start_fake: StartFake, tmp_p
     statuses = sorted(row["status"] for row in manifest(out))
     assert statuses == ["pending"] * 4 + ["uncertain"]
     assert fake.submits == 3
+
+
+# --- generate through Ctrl-C, and wait -------------------------------------------------------
+
+
+def generate_process(fake: FakeBFL, out: Path, *options: str) -> subprocess.Popen[str]:
+    """`bfl generate` in a process of its own, on `fake`."""
+    return subprocess.Popen(
+        [*CLI, "generate", "flux-2-pro", "a red fox", "-o", str(out),
+         "--base-url", fake.base_url, *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(BFL_API_KEY=KEY),
+    )  # fmt: skip
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.005)
+
+
+def read_until(process: subprocess.Popen[str], text: str) -> str:
+    """The lines of stderr up to the first one that holds `text`."""
+    assert process.stderr is not None
+    lines = ""
+    while text not in lines:
+        line = process.stderr.readline()
+        assert line, lines  # stderr closed first
+        lines += line
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("signum", "answer_delay"),
+    [(signal.SIGINT, 0.0), (signal.SIGTERM, 0.0), (signal.SIGINT, 2.0)],
+    ids=["SIGINT", "SIGTERM", "SIGINT-before-the-answer"],
+)
+def test_a_signal_after_the_submit_still_saves_the_paid_image_within_the_grace(
+    signum: int, answer_delay: float, start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake(slow_seconds=answer_delay)
+    fake.generation_time = 3600.0
+    if answer_delay:  # the signal most likely comes while the paid submit's answer is due
+        fake.fail_next("submit", "slow")
+    out = tmp_path / "out"
+    process = generate_process(fake, out, "--grace", "30")
+    wait_for(lambda: fake.submits == 1, process)
+    process.send_signal(signum)
+    said = read_until(process, "is paid; waiting up to 30 s for its image")
+    fake.finish_now()
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, said + stderr
+    fields = dict(line.split(None, 1) for line in stdout.splitlines())
+    assert is_image(Path(fields["path"])) and fields["task"] in fake.tasks
+    assert fields["cost"] == "3 credits ($0.03)"
+    assert "bfl wait" not in stderr and "Traceback" not in stderr
+    assert fake.submits == 1
+
+
+def test_a_second_signal_stops_at_once_and_bfl_wait_fetches_the_image_later(
+    start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake()
+    fake.generation_time = 3600.0
+    out = tmp_path / "out"
+    process = generate_process(fake, out, "--name", "fox")  # the default grace: 30 s
+    wait_for(lambda: fake.submits == 1, process)
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    said = read_until(process, "is paid; waiting up to 30 s")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+    assert time.monotonic() - started < 10  # neither the grace nor the client's close waited
+    assert process.returncode == 130, said + stderr
+    assert "Traceback" not in stderr and KEY not in said + stderr
+    assert "client.wait(" not in said + stderr  # the library's hint for Python is left out
+    command = re.search(r"^  (bfl wait .*)$", stderr, flags=re.M)
+    assert command, stderr
+    argv = shlex.split(command[1])  # to be pasted into a shell as it is
+    assert argv[2:] == [argv[2], "-o", str(out), "--name", "fox", "--base-url", fake.base_url]
+    task = Task.model_validate_json(argv[2])
+    assert task.id in fake.tasks and task.cost == 3.0
+    assert not list(out.iterdir())
+    fake.finish_now()
+    result = bfl(*argv[1:], "--api-key", KEY)
+    assert result.exit_code == 0, result.output
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert fields["path"] == str(out / "fox.jpg") and is_image(out / "fox.jpg")
+    assert fields["task"] == task.id
+    assert fields["seed"] == str(fake.tasks[task.id].seed)
+    assert fields["cost"] == "3 credits ($0.03)"
+    assert fake.submits == 1
+
+
+def test_a_signal_before_any_task_is_paid_stops_at_once(
+    start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake(limits={"standard": 0})  # every submit is refused (429): none is paid
+    out = tmp_path / "out"
+    process = generate_process(fake, out)
+    wait_for(lambda: fake.rate_limited >= 1, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130, stderr
+    assert "stopped: no task was created, nothing was paid" in stderr
+    assert "Traceback" not in stderr and "bfl wait" not in stderr
+    assert fake.submits == 0 and not list(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("handle", "says"),
+    [
+        ("not json", "Invalid JSON"),
+        ("", "Invalid JSON"),
+        ("[]", "Input should be an object"),
+        ('{"id": "x"}', "polling_url: Field required; model: Field required"),
+        ('{"id": 7, "polling_url": "https://api.bfl.ai/x", "model": "flux-2-pro"}', "id: "),
+        ('{"id": "x", "polling_url": "/v1/get_result", "model": "flux-2-pro"}', "http(s) URL"),
+    ],
+)
+def test_wait_with_a_malformed_handle_is_an_input_error(handle: str, says: str) -> None:
+    result = bfl("wait", handle, "--api-key", KEY, "--base-url", "http://127.0.0.1:9")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: HANDLE is not a task handle") and says in result.stderr
+    assert KEY not in result.output
+
+
+def submitted(fake: FakeBFL, model: str = "flux-2-pro") -> str:
+    """The handle of a task submitted to `fake`, as `bfl generate` prints it."""
+    answer = httpx.post(
+        f"{fake.base_url}/v1/{model}", json={"prompt": "a fox"}, headers={"x-key": KEY}
+    ).json()
+    task = Task(
+        id=answer["id"],
+        polling_url=answer["polling_url"],
+        model=model,
+        cost=answer["cost"],
+        submitted_at=time.time() - 5,  # about when its first poll is due
+    )
+    return task.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("not found", "does not know task"),
+        ("moderated", "moderated"),
+        ("expired", "expired"),
+        ("timeout", "was not finished in time; it keeps running"),
+    ],
+)
+def test_wait_failures_are_one_error_line(
+    case: str, says: str, start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake(
+        outcome=lambda model, body: "Content Moderated" if case == "moderated" else "Ready",
+        result_ttl=-60.0 if case == "expired" else 600.0,  # its URL expired a minute ago
+    )
+    fake.generation_time = 3600.0 if case == "timeout" else 0.01
+    handle = submitted(fake)
+    if case == "not found":
+        handle = handle.replace(Task.model_validate_json(handle).id, "0" * 36)
+    result = bfl(
+        "wait", handle, "-o", tmp_path, "--timeout", "0.2" if case == "timeout" else "60",
+        "--base-url", fake.base_url, "--api-key", KEY,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error: ") and says in lines[0].lower(), lines
+    assert ("bfl wait" in result.stderr) == (case == "timeout")  # still running: try again
+    assert KEY not in result.output and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wait_for_a_flux1_task_shows_the_catalog_price(
+    start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake()
+    handle = submitted(fake, "flux-pro-1.1")
+    result = bfl("wait", handle, "-o", tmp_path, "--name", "fox", "--base-url", fake.base_url,
+                 "--api-key", KEY)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "cost    4 credits ($0.04)" in result.stdout
+    assert is_image(tmp_path / "fox.jpg")
+    again = bfl("wait", handle, "-o", tmp_path, "--name", "fox", "--base-url", fake.base_url,
+                "--api-key", KEY)  # fmt: skip
+    assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_generate_that_cannot_save_its_paid_image_says_how_to_fetch_it(
+    start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake()
+    fake.fail_next("download", "malformed")  # not an image: refused, not retried
+    result = bfl("generate", "flux-2-pro", "a fox", "-o", tmp_path, "--base-url",
+                 fake.base_url, "--api-key", KEY)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ")
+    command = re.search(r"^  (bfl wait .*)$", result.stderr, flags=re.M)
+    assert command, result.stderr
+    argv = shlex.split(command[1])
+    result = bfl(*argv[1:], "--api-key", KEY)
+    assert result.exit_code == 0, result.output
+    assert fake.submits == 1

@@ -6,13 +6,16 @@ import contextlib
 import dataclasses
 import enum
 import json
+import shlex
 import tempfile
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
+import pydantic
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -24,17 +27,28 @@ from bfl_async import (
     Batch,
     BatchInUseError,
     BFLError,
+    DownloadError,
     GeneratedImage,
     MissingAPIKeyError,
     ModelSpec,
     OutputExistsError,
     ParameterError,
+    Task,
+    TaskError,
+    WaitTimeoutError,
     estimate_cost,
 )
 from bfl_async.testing import FakeBFL
 
 from ._batch import MANIFEST, BatchStats, one_line, parse_budget, run_batch
-from ._connect import CLIError, Connection, Region, fake_generation_time, with_client
+from ._connect import (
+    CLIError,
+    Connection,
+    Region,
+    fake_generation_time,
+    open_client,
+    with_client,
+)
 from ._display import (
     LiveDisplay,
     PlainDisplay,
@@ -43,7 +57,15 @@ from ._display import (
     print_summary,
     usd,
 )
-from ._jobs import Job, JobFileError, describe_parameter_error, load_jobs, parse_param
+from ._jobs import (
+    Job,
+    JobFileError,
+    describe_parameter_error,
+    existing_image,
+    load_jobs,
+    parse_param,
+)
+from ._one import OneTask, Saved, handles_told, watch_one
 
 __all__ = ["app", "main"]
 
@@ -126,6 +148,15 @@ OutputDir = Annotated[
 ]
 Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace images that already exist in the output dir.")
+]
+Grace = Annotated[
+    float,
+    typer.Option(
+        "--grace",
+        min=0,
+        help="On Ctrl-C, seconds to keep watching paid tasks in flight (a second Ctrl-C "
+        "stops at once).",
+    ),
 ]
 JobsFile = Annotated[
     Path,
@@ -242,34 +273,54 @@ def generate(
         str | None, typer.Option(help="File name of the image, without suffix (default: task id).")
     ] = None,
     overwrite: Overwrite = False,
+    grace: Grace = 30.0,
     fake: Fake = False,
     concurrency: Concurrency = None,
     region: RegionOption = RegionName.GLOBAL,
     base_url: BaseUrl = None,
     api_key: ApiKey = None,
 ) -> None:
-    """Generate one image; print its path, task id, seed and cost."""
+    """Generate one image; print its path, task id, seed and cost.
+
+    Ctrl-C (or SIGTERM) before anything is sent stops at once: nothing is paid. Once the
+    task is paid, it waits up to --grace seconds for the image; a second Ctrl-C stops
+    waiting and prints the `bfl wait` command that fetches the image later. Exits 130 if
+    interrupted.
+    """
     params = _params(prompt, width, height, seed, param or [])
     try:
         estimate = estimate_cost(model, **params)
     except ParameterError as exc:
         raise _fail(describe_parameter_error(exc), 2) from None
-    connection = _connection(api_key, base_url, region, concurrency, fake)
+    # The command waits for the paid task itself (--grace): the client's close never does.
+    connection = dataclasses.replace(
+        _connection(api_key, base_url, region, concurrency, fake), close_grace=0.0
+    )
     _check(connection)
     _make_dir(output_dir)
-    console = _stdout()
+    one = OneTask(grace=grace, say=_say, pool=MODELS[model].pool)
 
     async def make(client: AsyncBFL) -> GeneratedImage:
         return await client.generate(
-            model, output_dir=output_dir, name=name, overwrite=overwrite, **params
+            model,
+            output_dir=output_dir,
+            name=name,
+            overwrite=overwrite,
+            on_submitted=one.accepted,
+            **params,
         )
 
-    image = _run(lambda: with_client(connection, make), status=f"generating with {model}…")
-    cost = image.cost if image.cost is not None else estimate
-    console.print(f"path    {image.path}", soft_wrap=True)
-    console.print(f"task    {image.task_id}", soft_wrap=True)
-    console.print(f"seed    {image.seed}", soft_wrap=True)
-    console.print(f"cost    {credits_text(cost)}", soft_wrap=True)
+    saved = _run_one(
+        one,
+        lambda: watch_one(
+            one, lambda: open_client(connection), make, output_dir, name=name, overwrite=overwrite
+        ),
+        status=f"generating with {model}…",
+        fetch=_Fetch(output_dir, name, overwrite, region, base_url, fake),
+    )
+    _print_saved(saved, saved.task.cost if saved.task.cost is not None else estimate)
+    if one.signals:
+        raise typer.Exit(130)  # interrupted, but the image is saved
 
 
 def _params(
@@ -299,6 +350,191 @@ def _check(connection: Connection) -> None:
 
 
 @app.command()
+def wait(
+    handle: Annotated[
+        str,
+        typer.Argument(
+            show_default=False,
+            help="A paid task's handle: the JSON `bfl generate` prints when it stops "
+            "before saving the image.",
+        ),
+    ],
+    output_dir: OutputDir = Path("."),
+    name: Annotated[
+        str | None, typer.Option(help="File name of the image, without suffix (default: task id).")
+    ] = None,
+    overwrite: Overwrite = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Give up after S seconds if the task is still running (it keeps running)."
+        ),
+    ] = 600.0,
+    region: RegionOption = RegionName.GLOBAL,
+    base_url: BaseUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Save the image of a task already paid for; print its path, task id, seed and cost.
+
+    Nothing is submitted, so nothing is paid. BFL keeps a result for about 10 minutes after
+    the task ends. Ctrl-C stops at once; the same command picks the task up again.
+    """
+    task = _parse_handle(handle)
+    if not api_key:  # the fake's tasks stop with it: no --fake here
+        raise _fail(
+            "BFL_API_KEY is not set. Set it (or pass --api-key) to the key of the account "
+            "that paid for the task",
+            2,
+        )
+    connection = dataclasses.replace(
+        _connection(api_key, base_url, region, None, False), close_grace=0.0
+    )
+    if name is not None:
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise _fail(f"--name {name!r} must be a plain file name, without / or \\", 2)
+        existing = existing_image(output_dir, name)
+        if existing is not None and not overwrite:
+            raise _fail(f"{existing} already exists (pass --overwrite to replace it)", 2)
+    _make_dir(output_dir)
+    one = OneTask(grace=0.0, say=_say, task=task)
+    saved = _run_one(
+        one,
+        lambda: watch_one(
+            one,
+            lambda: open_client(connection),
+            None,
+            output_dir,
+            name=name,
+            overwrite=overwrite,
+            timeout=timeout,
+        ),
+        status=f"waiting for task {task.id}…",
+        fetch=_Fetch(output_dir, name, overwrite, region, base_url, fake=False),
+    )
+    _print_saved(saved, task.cost if task.cost is not None else _flat_price(task.model))
+    if one.signals:
+        raise typer.Exit(130)
+
+
+def _parse_handle(text: str) -> Task:
+    """The task of a handle's JSON, or exit 2 saying what is wrong with it."""
+    try:
+        task = Task.model_validate_json(text)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, error['loc']))}: {error['msg']}" if error["loc"] else error["msg"]
+            for error in exc.errors(include_url=False)
+        )
+        raise _fail(
+            f"HANDLE is not a task handle (the JSON `bfl generate` prints): {problems}", 2
+        ) from None
+    url = urlsplit(task.polling_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise _fail(
+            f"HANDLE is not a task handle: polling_url {task.polling_url!r} is not an http(s) URL",
+            2,
+        )
+    if not task.id:
+        raise _fail("HANDLE is not a task handle: id is empty", 2)
+    return task
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fetch:
+    """Where a command saves its image: what `bfl wait` needs to fetch it later."""
+
+    output_dir: Path
+    name: str | None
+    overwrite: bool
+    region: RegionName
+    base_url: str | None
+    fake: bool
+
+    def tell(self, task: Task) -> None:
+        """Say how to fetch the image of `task`, paid and not saved."""
+        if self.fake:
+            _say(
+                f"task {task.id} was left running on the fake API, which stops with this "
+                "command: nothing was paid, and there is nothing to fetch later"
+            )
+            return
+        command = ["bfl", "wait", task.model_dump_json(), "-o", str(self.output_dir)]
+        if self.name is not None:
+            command += ["--name", self.name]
+        if self.overwrite:
+            command.append("--overwrite")
+        if self.region is not RegionName.GLOBAL:
+            command += ["--region", self.region.value]
+        if self.base_url:
+            command += ["--base-url", self.base_url]
+        _say(
+            f"task {task.id} is paid but its image is not saved; fetch it (within about 10 "
+            f"minutes of the task's end) with:\n  {shlex.join(command)}"
+        )
+
+
+def _run_one(
+    one: OneTask,
+    main: Callable[[], Awaitable[Saved | None]],
+    *,
+    status: str,
+    fetch: _Fetch,
+) -> Saved:
+    """Run a command that watches one task; if its image is not saved, say what became of
+    the task and exit (130 if interrupted)."""
+    error: Exception | None = None
+    try:
+        with handles_told(one), _stdout().status(status):
+            one.saved = anyio.run(main, backend="asyncio")
+    except KeyboardInterrupt:  # heard while Python started or closed the loop: stop all the same
+        one.signals += 1
+    except (CLIError, BFLError, OSError, ImportError) as exc:
+        error = exc
+        if isinstance(exc, WaitTimeoutError):  # its own message speaks Python: wait(e.task)
+            _print_error(f"task {exc.task.id} was not finished in time; it keeps running")
+        else:
+            _print_error(one_line(exc))
+    except BaseException:  # a bug: its traceback follows what became of the paid task
+        if one.task is not None and one.saved is None:
+            fetch.tell(one.task)
+        raise
+    if one.saved is not None:
+        return one.saved
+    if one.task is not None and _fetchable(error):
+        fetch.tell(one.task)
+    elif error is None:
+        _say("stopped: no task was created, nothing was paid")
+    raise typer.Exit(130 if one.signals or error is None else _exit_code(error))
+
+
+def _fetchable(error: Exception | None) -> bool:
+    """Whether the image of a paid task may still be fetched after `error`."""
+    if isinstance(error, DownloadError | WaitTimeoutError):
+        return True  # the image is at its URL, or the task is still running
+    # Moderated, failed, unknown or expired: no image; a CLIError: the command could not start.
+    return not isinstance(error, TaskError | CLIError)
+
+
+def _print_saved(saved: Saved, cost: float | None) -> None:
+    console = _stdout()
+    console.print(f"path    {saved.path}", soft_wrap=True)
+    console.print(f"task    {saved.task.id}", soft_wrap=True)
+    console.print(f"seed    {saved.seed}", soft_wrap=True)
+    console.print(f"cost    {'unknown' if cost is None else credits_text(cost)}", soft_wrap=True)
+
+
+def _flat_price(model: str) -> float | None:
+    """A FLUX.1 model's price in credits (its tasks report no cost), from the catalog."""
+    spec = MODELS.get(model)
+    return None if spec is None else getattr(spec.pricing, "cents", None)
+
+
+def _say(message: str) -> None:
+    """A line for the user on stderr, as it is (no markup), whatever the terminal's width."""
+    Console(stderr=True, highlight=False, markup=False, emoji=False).print(message, soft_wrap=True)
+
+
+@app.command()
 def batch(
     jobs_file: JobsFile,
     output_dir: OutputDir = Path("."),
@@ -320,15 +556,7 @@ def batch(
             "(check your dashboard first: they may be paid twice).",
         ),
     ] = False,
-    grace: Annotated[
-        float,
-        typer.Option(
-            "--grace",
-            min=0,
-            help="On Ctrl-C, seconds to keep watching paid tasks in flight (a second Ctrl-C "
-            "stops at once).",
-        ),
-    ] = 30.0,
+    grace: Grace = 30.0,
     fake: Fake = False,
     concurrency: Concurrency = None,
     limiter: LimiterURL = None,

@@ -10,7 +10,14 @@ from typing import Any
 from bfl_async import MODELS, ParameterError, UnknownModelError, estimate_cost
 from bfl_async._download import check_file_name
 
-__all__ = ["Job", "JobFileError", "describe_parameter_error", "load_jobs", "parse_param"]
+__all__ = [
+    "Job",
+    "JobFileError",
+    "describe_parameter_error",
+    "existing_image",
+    "load_jobs",
+    "parse_param",
+]
 
 # The suffixes the library gives downloaded images; a named job must not find one taken.
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -173,7 +180,15 @@ def _check_name(job: Job, seen: dict[str, int], output_dir: Path | None, overwri
         raise ValueError(f'"name" {name!r} is already used on line {seen[name]}')
     seen[name] = job.line
     if output_dir is not None and not overwrite:
-        for suffix in _IMAGE_SUFFIXES:
-            existing = output_dir / f"{name}{suffix}"
-            if existing.exists():
-                raise ValueError(f"{existing} already exists (pass --overwrite to replace it)")
+        existing = existing_image(output_dir, name)
+        if existing is not None:
+            raise ValueError(f"{existing} already exists (pass --overwrite to replace it)")
+
+
+def existing_image(output_dir: Path, name: str) -> Path | None:
+    """The image already saved as `name` in `output_dir`, whatever its suffix, if any."""
+    for suffix in _IMAGE_SUFFIXES:
+        path = output_dir / f"{name}{suffix}"
+        if path.exists():
+            return path
+    return None
