@@ -184,6 +184,9 @@ class _Watch:
     done: anyio.Event
     pushed: bool = False
     """A webhook will report the task's end: poll only as a slow safety net."""
+    resumed: bool = False
+    """A handle from elsewhere (or polled again after an error), perhaps ended long ago:
+    its first poll goes at once."""
     result: Result | None = None
     error: Exception | None = None
     finished_at: float | None = None
@@ -699,10 +702,16 @@ class AsyncBFL:
         slot: InFlightSlot,
         accepted_at: float,
         pushed: bool,
+        resumed: bool = False,
     ) -> _Watch:
         self._prune()
         watch = _Watch(
-            task=task, slot=slot, accepted_at=accepted_at, done=anyio.Event(), pushed=pushed
+            task=task,
+            slot=slot,
+            accepted_at=accepted_at,
+            done=anyio.Event(),
+            pushed=pushed,
+            resumed=resumed,
         )
         self._watches[task.id] = watch
         early = self._early.pop(task.id)
@@ -714,7 +723,8 @@ class AsyncBFL:
     async def _run_watch(self, watch: _Watch) -> None:
         try:
             with watch.polling:  # cancelled by a webhook event (`deliver`) or by `aclose`
-                watch.result = await self._poll(watch, self._slowed if watch.pushed else None)
+                first = FirstNow(self._schedule) if watch.resumed else None
+                watch.result = await self._poll(watch, self._slowed if watch.pushed else first)
             if watch.result is None and watch.event is None:
                 # The client closes, and with it most likely the server that hears pushes:
                 # a task left to them is polled at once, then on the normal schedule.
@@ -816,8 +826,9 @@ class AsyncBFL:
             elapsed = time.time() - task.submitted_at if task.submitted_at else 0.0
             accepted_at = anyio.current_time() - max(0.0, elapsed)
             # Whether this task was submitted with our webhook is unknown: poll at the full
-            # rate (a push that does arrive still ends the watch at once).
-            watch = self._start_watch(tg, task, slot, accepted_at, False)
+            # rate (a push that does arrive still ends the watch at once), and first at once:
+            # it may have ended long ago, where a plan from its acceptance polls sparsely.
+            watch = self._start_watch(tg, task, slot, accepted_at, False, resumed=True)
         return watch
 
     async def _await(self, watch: _Watch, timeout: float | _Unset | None) -> Result:

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -725,6 +726,23 @@ async def test_failing_on_submitted_is_raised_and_the_task_still_watched(
         await client.submit("flux-2-pro", prompt="x", on_submitted=broken)
     result = await client.wait(Task(id="task-1", polling_url=polling_url("task-1"), model="x"))
     assert result.task.id == "task-1"
+
+
+async def test_an_old_handle_is_polled_at_once(
+    mock: respx.MockRouter, planned_waits: list[float]
+) -> None:
+    # Submitted a minute ago elsewhere: likely ended; the plan from its acceptance would
+    # wait seconds for its next poll.
+    poll = mock.get(polling_url("task-1")).mock(return_value=ready())
+    task = Task(
+        id="task-1",
+        polling_url=polling_url("task-1"),
+        model="flux-2-pro",
+        submitted_at=time.time() - 60,
+    )
+    async with AsyncBFL(api_key=KEY) as client:
+        assert (await client.wait(task)).seed == 42
+    assert poll.call_count == 1 and max(planned_waits, default=0.0) < 0.1
 
 
 async def test_handle_rebuilt_from_json_is_waited_in_another_client(
