@@ -50,6 +50,7 @@ from ._http import (
     cost_or_none,
     float_or_none,
     is_api_host,
+    is_http_url,
     resendable,
     retry_delay,
 )
@@ -229,8 +230,7 @@ def _check_webhook(url: str | None, secret: str | None) -> str | None:
         raise TypeError("webhook_url and webhook_secret must be str")
     if not url or not secret:
         raise ValueError("give webhook_url and webhook_secret together, both non-empty")
-    parsed = httpx.URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
+    if not is_http_url(url):
         raise ValueError("webhook_url must be an absolute http(s) URL")
     return url
 
@@ -334,13 +334,13 @@ class AsyncBFL:
         if region not in REGIONS:
             raise ValueError(f"unknown region {region!r}; allowed: {', '.join(REGIONS)}")
         url = base_url or os.environ.get("BFL_BASE_URL") or REGIONS[region]
-        self.base_url = httpx.URL(url.rstrip("/"))
-        if self.base_url.scheme not in ("http", "https") or not self.base_url.host:
+        if not is_http_url(url):
             source = "base_url" if base_url else "$BFL_BASE_URL"
             raise ValueError(
                 "base_url must be an absolute http(s) URL such as https://api.bfl.ai "
                 f"(check {source})"
             )
+        self.base_url = httpx.URL(url.rstrip("/"))
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
             timeout=timeout,
@@ -375,6 +375,8 @@ class AsyncBFL:
         self._background: anyio.abc.TaskGroup | None = None  # the watches, inside one task
         self._posts: set[_Post] = set()
         self._closed = False
+        self._output_dirs: set[Path] = set()  # checked to take files (`_check_output_dir`)
+        self._output_dir_check: anyio.Lock | None = None  # made on the loop, when first used
 
     def __repr__(self) -> str:
         return f"<AsyncBFL base_url={str(self.base_url)!r}>"
@@ -816,6 +818,19 @@ class AsyncBFL:
         """
         return await self._await(self._attach(task), timeout)
 
+    async def _check_output_dir(self, model: str, directory: Path) -> None:
+        """Refuse a directory no image could be saved in, once per directory and client: the
+        check makes a file there, nearly a millisecond of CPU, and a burst of `generate`
+        calls into one directory waits for the first one's."""
+        if directory in self._output_dirs:
+            return
+        if self._output_dir_check is None:
+            self._output_dir_check = anyio.Lock()
+        async with self._output_dir_check:
+            if directory not in self._output_dirs:
+                await anyio.to_thread.run_sync(check_output_dir, model, directory)
+                self._output_dirs.add(directory)
+
     def _attach(self, task: Task) -> _Watch:
         """The watch of `task`; a handle new to this client claims its slot at once, and so
         does one whose last watch ended in an error of the polling, not of the task."""
@@ -1005,7 +1020,7 @@ class AsyncBFL:
             _check_name(spec.name, name)
             if not overwrite and (existing := saved_as(directory, name)):
                 raise OutputExistsError(str(existing[0]))
-        await anyio.to_thread.run_sync(check_output_dir, spec.name, directory)
+        await self._check_output_dir(spec.name, directory)
         watch, queued, submit = await self._submit(spec.name, spec.pool, body, params, on_submitted)
         try:
             result = await self._await(watch, timeout)

@@ -57,6 +57,15 @@ _NOT_SENT = (
 )
 
 
+def is_http_url(url: str) -> bool:
+    """Whether `url` is an absolute http(s) URL, one a request can be sent to."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    return parsed.scheme in ("http", "https") and bool(parsed.host)
+
+
 def is_api_host(url: httpx.URL, base_url: httpx.URL) -> bool:
     """May the key be sent to `url`? Only to the configured host (any port: a fake's regional
     host is another port on loopback; never over plain http when the base uses https) or to

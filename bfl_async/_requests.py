@@ -14,7 +14,6 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeGuard
 
-import httpx
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -43,6 +42,7 @@ from ._catalog import (
 )
 from ._download import check_file_name, image_suffix
 from ._errors import ParameterError, Problem
+from ._http import is_http_url
 
 __all__ = ["build_job", "build_request", "encode_image", "estimate_cost", "request_model"]
 
@@ -242,11 +242,7 @@ def _check_url(value: str) -> str:
     """Accept an absolute http(s) URL BFL can call. Not shown: its query may hold a token."""
     if len(value) > MAX_URL_LENGTH:
         raise _custom("url", f"is {len(value)} characters long")
-    try:
-        url: httpx.URL | None = httpx.URL(value)
-    except httpx.InvalidURL:
-        url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
+    if not is_http_url(value):
         raise _custom("url", "is not an absolute http(s) URL")
     return value
 

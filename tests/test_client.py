@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import respx
 
+import bfl_async._client
 from bfl_async import (
     APIConnectionError,
     AsyncBFL,
@@ -484,7 +486,9 @@ async def test_a_proxy_that_refuses_every_submit_says_nothing_was_paid(
     assert mock.calls.call_count == 2
 
 
-@pytest.mark.parametrize("base_url", ["api.eu.bfl.ai", "ftp://api.bfl.ai", "https://", "/v1"])
+@pytest.mark.parametrize(
+    "base_url", ["api.eu.bfl.ai", "ftp://api.bfl.ai", "https://", "/v1", "http://[::1"]
+)
 def test_a_base_url_that_is_no_http_url_is_refused_at_once(
     monkeypatch: pytest.MonkeyPatch, base_url: str
 ) -> None:
@@ -1058,6 +1062,28 @@ async def test_an_output_dir_that_cannot_take_files_is_refused_before_paying(
             await client.generate("flux-2-pro", prompt="x", output_dir=directory)
         assert caught.value.fields == ["output_dir"]
     assert submit.call_count == 0 and list(tmp_path.iterdir()) == [tmp_path / "taken"]
+
+
+async def test_a_burst_of_generates_checks_its_output_dir_once(
+    client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[Path] = []
+    check = bfl_async._client.check_output_dir
+
+    def counted(model: str, directory: Path) -> None:
+        checked.append(directory)
+        check(model, directory)
+
+    monkeypatch.setattr(bfl_async._client, "check_output_dir", counted)
+    for n in range(4):
+        route_task(mock, ready(), task_id=f"task-{n}")
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=[accepted(f"task-{n}") for n in range(4)])
+    async with anyio.create_task_group() as tg:
+        for n in range(3):
+            generate = functools.partial(client.generate, prompt=f"{n}", output_dir=tmp_path)
+            tg.start_soon(generate, "flux-2-pro")
+    await client.generate("flux-2-pro", prompt="3", output_dir=tmp_path)
+    assert checked == [tmp_path]  # the check makes a file: not once per image
 
 
 async def test_a_read_only_output_dir_is_refused_before_paying(

@@ -376,6 +376,8 @@ def test_webhook_options_are_checked_and_the_secret_never_shows() -> None:
         AsyncBFL(api_key=KEY, webhook_url="ftp://x.test/hook", webhook_secret=SECRET)
     with pytest.raises(ValueError, match="absolute http"):
         AsyncBFL(api_key=KEY, webhook_url="/bfl/webhook", webhook_secret=SECRET)
+    with pytest.raises(ValueError, match="absolute http"):  # not httpx's InvalidURL
+        AsyncBFL(api_key=KEY, webhook_url="http://[::1/hook", webhook_secret=SECRET)
     with pytest.raises(TypeError, match="must be str"):  # else every delivery would fail
         AsyncBFL(api_key=KEY, webhook_url=HOOK, webhook_secret=SECRET.encode())  # type: ignore[arg-type]
     client = hooked()
