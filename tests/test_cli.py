@@ -1016,6 +1016,18 @@ def test_wait_with_a_malformed_handle_is_an_input_error(handle: str, says: str) 
     assert KEY not in result.output
 
 
+@pytest.mark.parametrize("name", ["../fox", "fox\tdawn", "图" * 100], ids=["path", "tab", "long"])
+def test_wait_refuses_a_name_no_file_could_have_before_waiting(name: str) -> None:
+    # The library's own check, in bytes: 100 CJK characters are 300, past what a file takes.
+    handle = '{"id": "x", "polling_url": "https://api.eu2.bfl.ai/v1/get_result?id=x", '
+    handle += '"model": "flux-2-pro"}'
+    result = bfl(
+        "wait", handle, "--name", name, "--api-key", KEY, "--base-url", "http://127.0.0.1:9"
+    )
+    assert result.exit_code == 2, result.output
+    assert "is not a plain file name" in result.stderr
+
+
 def submitted(fake: FakeBFL, model: str = "flux-2-pro") -> str:
     """The handle of a task submitted to `fake`, as `bfl generate` prints it."""
     answer = httpx.post(

@@ -38,6 +38,7 @@ from bfl_async import (
     WaitTimeoutError,
     estimate_cost,
 )
+from bfl_async._download import check_file_name
 from bfl_async.testing import FakeBFL
 
 from ._batch import MANIFEST, BatchStats, one_line, parse_budget, run_batch
@@ -390,8 +391,10 @@ def wait(
         _connection(api_key, base_url, region, None, False), close_grace=0.0
     )
     if name is not None:
-        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
-            raise _fail(f"--name {name!r} must be a plain file name, without / or \\", 2)
+        try:
+            check_file_name(task.model, name)  # the library's own check, before any wait
+        except ParameterError as exc:
+            raise _fail(describe_parameter_error(exc), 2) from None
         existing = existing_image(output_dir, name)
         if existing is not None and not overwrite:
             raise _fail(f"{existing} already exists (pass --overwrite to replace it)", 2)
