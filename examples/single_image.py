@@ -2,6 +2,7 @@
 
     export BFL_API_KEY=...                  # from https://dashboard.bfl.ai
     python examples/single_image.py "a red fox in fresh snow" -o out/
+    python examples/single_image.py "a red fox" --model flux-kontext-pro -o out/
 
 Add --fake to run against the fake API bundled with bfl_async: no key, no cost.
 """
@@ -34,7 +35,8 @@ async def main(args: argparse.Namespace) -> int:
         print(f"error: {exc}\n(or add --fake to try it without a key)", file=sys.stderr)
         return 2
     print(f"saved {image.path}")
-    print(f"task {image.task_id}, seed {image.seed}, cost {image.cost} credits")
+    cost = "not reported (FLUX.1)" if image.cost is None else f"{image.cost} credits"
+    print(f"task {image.task_id}, seed {image.seed}, cost {cost}")
     print(f"took {image.timings.total:.1f} s (generation {image.timings.generation:.1f} s)")
     return 0
 
@@ -44,8 +46,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("prompt")
     parser.add_argument("-o", "--output-dir", default="out")
     parser.add_argument("--model", default="flux-2-pro")
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--height", type=int, default=768)
+    # Not sent unless given: the model's default size, and models sized by aspect ratio
+    # (flux-kontext-pro, flux-pro-1.1-ultra) take no width or height.
+    parser.add_argument("--width", type=int, help="default: the model's")
+    parser.add_argument("--height", type=int, help="default: the model's")
     parser.add_argument("--fake", action="store_true", help="use the bundled fake API")
     return parser.parse_args(argv)
 

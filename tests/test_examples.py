@@ -70,6 +70,17 @@ def test_single_image(tmp_path: Path) -> None:
     assert re.search(r"task \S+, seed \d+, cost 3\.0 credits", done.stdout)
 
 
+def test_single_image_on_a_model_sized_by_aspect_ratio(tmp_path: Path) -> None:
+    done = run(
+        "single_image.py", "a fox", "--model", "flux-kontext-pro", "-o", str(tmp_path / "out"),
+        "--fake", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [image] = saved_images(done.stdout)
+    assert image.parent == tmp_path / "out"
+    assert "cost not reported (FLUX.1)" in done.stdout
+
+
 def test_gather_batch_with_progress(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\n\na boat\na teapot\na kite\n", encoding="utf-8")
