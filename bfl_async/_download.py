@@ -1,10 +1,11 @@
 """Streamed, length-checked, atomic downloads of result images.
 
-The image is never held whole in memory: it goes chunk by chunk to `<name>.<random>.part`,
-its length is checked against `Content-Length`, and it is renamed into place only when
-complete. A body larger than the cap, or whose first bytes are not a PNG, JPEG or WebP
-image, is refused as it arrives (storage may label anything `application/octet-stream`).
-The delivery host needs no key, and none is sent there.
+The image is never held whole in memory: it goes chunk by chunk to `<name>.<random>.part`
+(a compressed body inflated in bounded pieces), its length is checked against
+`Content-Length` (without one, the image must end as its format says), and it is renamed
+into place only when complete. A body larger than the cap, or whose first bytes are not a
+PNG, JPEG or WebP image, is refused as it arrives (storage may label anything
+`application/octet-stream`). The delivery host needs no key, and none is sent there.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncGenerator
+import zlib
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -49,7 +51,13 @@ logger = logging.getLogger("bfl_async")
 IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
 DEFAULT_MAX_BYTES = 64 << 20
 _PEEK = 12
+_TAIL = 32  # enough to find an image's end marker (PNG's IEND, JPEG's EOI)
 _WRITE_BLOCK = 64 * 1024
+_WINDOWS = os.name == "nt"
+_WINDOWS_DEVICES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789\u00b9\u00b2\u00b3"]
+)
 _DISK_THREADS = 4  # each worker thread holds memory; 24 downloads need few to write
 
 
@@ -65,14 +73,37 @@ def image_suffix(head: bytes) -> str | None:
 
 
 def url_expiry(url: str) -> float | None:
-    """The `se=` expiry of a signed URL as a Unix time (epoch seconds or ISO 8601)."""
-    value = httpx.URL(url).params.get("se")
-    if not value:
-        return None
+    """The expiry of a signed URL as a Unix time, or None if it shows none: Azure SAS `se=`
+    (ISO 8601 or epoch seconds), S3 and GCS V4 (`X-Amz-Date` / `X-Goog-Date` plus
+    `-Expires` seconds), or a V2 or CloudFront `Expires=` (epoch seconds)."""
+    params = {key.lower(): value for key, value in httpx.URL(url).params.multi_items()}
+    if se := params.get("se"):
+        seconds = _epoch(se)
+        return seconds if seconds is not None else _iso_time(se)
+    for vendor in ("x-amz", "x-goog"):
+        signed, lasts = params.get(f"{vendor}-date"), params.get(f"{vendor}-expires")
+        if signed and lasts and lasts.isdigit():
+            try:
+                when = dt.datetime.strptime(signed, "%Y%m%dT%H%M%SZ")
+            except ValueError:
+                return None
+            return _epoch(when.replace(tzinfo=dt.timezone.utc).timestamp() + int(lasts))
+    if expires := params.get("expires"):
+        return _epoch(expires)
+    return None
+
+
+def _epoch(value: str | float) -> float | None:
+    """Epoch seconds a date can be made of (not NaN, infinite or past year 9999), or None."""
     try:
-        return float(value)
-    except ValueError:
-        pass
+        seconds = float(value)
+        dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return seconds
+
+
+def _iso_time(value: str) -> float | None:
     try:
         when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -104,17 +135,22 @@ def check_file_name(model: str, name: str) -> None:
         or size is None
         or size > 200
         or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        or (_WINDOWS and _windows_refuses(name))
     ):
+        allowed = "a name without / or \\, of at most 200 bytes"
+        if _WINDOWS:
+            allowed += ', without <>:"|?* and not a device name such as CON or NUL'
         raise ParameterError(
-            model,
-            [
-                Problem(
-                    "name",
-                    f"{name!r} is not a plain file name",
-                    "a name without / or \\, of at most 200 bytes",
-                )
-            ],
+            model, [Problem("name", f"{name!r} is not a plain file name", allowed)]
         )
+
+
+def _windows_refuses(name: str) -> bool:
+    """Whether Windows would make something else of the file: `a:b.png` is a hidden stream
+    of `a`, `CON.png` the console."""
+    return any(c in '<>:"|?*' for c in name) or (
+        name.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICES
+    )
 
 
 def check_output_dir(model: str, directory: Path) -> None:
@@ -208,7 +244,8 @@ class Downloader:
             )
 
     async def chunks(self, result: Result) -> AsyncGenerator[bytes, None]:
-        """One streamed GET of the image, checked for length at the end."""
+        """One streamed GET of the image, checked at the end for its length, or without a
+        `Content-Length` for the image's own end (a close can end such a body early)."""
         self._check_fresh(result)
         request = self._client.build_request(
             "GET", result.sample, headers={"accept-encoding": "identity"}
@@ -234,35 +271,49 @@ class Downloader:
             if response.status_code != 200:
                 wait = parse_retry_after(response.headers.get("retry-after"))
                 raise _Broken(f"HTTP {response.status_code}", wait)
-            expected = response.headers.get("content-length")
-            if expected is not None and expected.isdigit():
-                self._check_size(result, int(expected))
-            pending = b""  # held back until the first bytes show it is an image
-            checked = False
+            declared = response.headers.get("content-length")
+            expected = int(declared) if declared is not None and declared.isdigit() else None
+            if expected is not None:
+                self._check_size(result, expected)
+            encoding = response.headers.get("content-encoding", "").strip().lower()
+            # Read into memory and decoded by its transport (httpx.MockTransport's answers).
+            preread = response.is_stream_consumed
+            if preread and encoding:
+                encoding, expected = "", None  # the raw length is gone with the raw bytes
+            inflate = _Inflate.for_encoding(encoding)
+            if inflate is None:
+                raise self._refuse(result, f"it came compressed as {encoding!r}")
+            head = b""  # the first bytes, held back until they show it is an image
+            tail = b""
             size = 0
             try:
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    self._check_size(result, size)
-                    if not checked:
-                        pending += chunk
-                        if len(pending) < _PEEK:
-                            continue
-                        self._check_image(result, pending)
-                        checked = True
-                        chunk, pending = pending, b""
-                    yield chunk
-            except httpx.HTTPError as exc:  # lost, or undecodable
-                raise _Broken(
-                    f"{type(exc).__name__} after {response.num_bytes_downloaded} bytes"
-                ) from exc
-            # Counted on the raw bytes: httpx decodes compressed bodies.
-            got = response.num_bytes_downloaded
-            if expected is not None and expected.isdigit() and got != int(expected):
+                async with contextlib.aclosing(_body(response, inflate, preread)) as body:
+                    async for chunk in body:
+                        size += len(chunk)
+                        self._check_size(result, size)
+                        tail = (tail + chunk[-_TAIL:])[-_TAIL:]
+                        if len(head) < _PEEK:
+                            head += chunk
+                            if len(head) < _PEEK:
+                                continue
+                            self._check_image(result, head)
+                            chunk = head
+                            head = head[:_PEEK]
+                        yield chunk
+            except (httpx.HTTPError, zlib.error) as exc:  # lost, or undecodable
+                what = "DecodingError" if isinstance(exc, zlib.error) else type(exc).__name__
+                raise _Broken(f"{what} after {response.num_bytes_downloaded} bytes") from exc
+            # Counted on the raw bytes: a compressed body is inflated here.
+            got = len(response.content) if preread else response.num_bytes_downloaded
+            if expected is not None and got != expected:
                 raise _Broken(f"truncated: got {got} of {expected} bytes")
-            if not checked:
-                self._check_image(result, pending)
-                yield pending
+            if len(head) < _PEEK:
+                self._check_image(result, head)
+                yield head
+            if expected is None and not _ends_whole(head, tail, size):
+                # No length to check: a connection closed early ends such a body as
+                # cleanly as the server would, so the image must show its own end.
+                raise _Broken(f"truncated: the body ended after {size} bytes, mid-image")
         finally:
             await response.aclose()
 
@@ -309,7 +360,8 @@ class Downloader:
                 await self._pause(result, exc, attempt)
 
     async def to_file(self, result: Result, file: BinaryIO) -> int:
-        """Write the image into a binary file object; return the number of bytes."""
+        """Write the image into a binary file object; return the number of bytes. A file
+        that can seek is left as it was found unless the whole image is written."""
         start = file.tell() if file.seekable() else None
         for attempt in range(1, self._attempts + 1):
             written = 0
@@ -322,11 +374,15 @@ class Downloader:
             except _Broken as exc:
                 # Bytes written to a file that cannot be rewound cannot be taken back.
                 if (start is None and written) or attempt == self._attempts:
+                    _rewind(file, start)
                     raise self._failed(result, exc, attempt) from None
-                if start is not None:
-                    file.seek(start)
-                    file.truncate()
+                _rewind(file, start)
                 await self._pause(result, exc, attempt)
+            except BaseException:  # refused past the cap, cancelled: no part of an image
+                if written:
+                    with contextlib.suppress(OSError):
+                        _rewind(file, start)
+                raise
         raise AssertionError("unreachable")
 
     async def to_directory(
@@ -376,21 +432,108 @@ class Downloader:
         suffix = image_suffix(head)
         assert suffix is not None  # chunks() refuses anything else
         target = directory / f"{name}{suffix}"
-        if overwrite:
-            os.replace(part, target)
-        else:
-            try:
-                os.link(part, target)
-            except FileExistsError:
-                raise OutputExistsError(str(target), kept=str(part)) from None
-            except OSError:
-                # No hard links on this filesystem: check, then rename.
-                if target.exists():
-                    raise OutputExistsError(str(target), kept=str(part)) from None
-                os.replace(part, target)
-                return target
-            part.unlink()
+        try:
+            _move(part, target, overwrite=overwrite)
+        except OutputExistsError:  # the paid image is kept as `part`, and the error says so
+            raise
+        except OSError:  # a directory in the way, no permission: no stray part file
+            _discard(None, part)
+            raise
         return target
+
+
+def _move(part: Path, target: Path, *, overwrite: bool) -> None:
+    """Put the complete `part` at `target`, atomically; without `overwrite`, never over a
+    file that is there."""
+    if overwrite:
+        os.replace(part, target)
+        return
+    try:
+        os.link(part, target)
+    except FileExistsError:
+        raise OutputExistsError(str(target), kept=str(part)) from None
+    except OSError:
+        # No hard links on this filesystem: check, then rename.
+        if target.exists():
+            raise OutputExistsError(str(target), kept=str(part)) from None
+        os.replace(part, target)
+        return
+    with contextlib.suppress(OSError):  # the image is in place; a second name is harmless
+        part.unlink()
+
+
+class _Inflate:
+    """A body's `Content-Encoding` undone in pieces of at most `_WRITE_BLOCK` bytes: 64 KB
+    of gzip can inflate to 64 MB, which the cap must stop before it is in memory."""
+
+    def __init__(self, wbits: int | None) -> None:
+        self._wbits = wbits  # None: identity
+        self._inflater = zlib.decompressobj(wbits) if wbits is not None else None
+        self._fresh = True
+
+    @classmethod
+    def for_encoding(cls, encoding: str) -> _Inflate | None:
+        """The decoder for a `Content-Encoding` header, or None for a compression it does
+        not undo (brotli, zstd, several layers). Unknown tokens pass through, as httpx's."""
+        if encoding in ("gzip", "x-gzip"):
+            return cls(zlib.MAX_WBITS | 16)
+        if encoding == "deflate":
+            return cls(zlib.MAX_WBITS)
+        if encoding in ("br", "zstd", "compress", "x-compress") or "," in encoding:
+            return None
+        return cls(None)
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self._inflater is None:
+            if data:
+                yield data
+            return
+        if self._fresh and data and self._wbits == zlib.MAX_WBITS:
+            self._fresh = False
+            try:  # "deflate" is zlib-wrapped, but some servers send it raw
+                zlib.decompressobj(zlib.MAX_WBITS).decompress(data[:2])
+            except zlib.error:
+                self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        while data:
+            piece = self._inflater.decompress(data, _WRITE_BLOCK)
+            data = self._inflater.unconsumed_tail
+            if piece:
+                yield piece
+
+    def finish(self) -> Iterator[bytes]:
+        """What the inflater still holds; a stream that did not reach its end is broken."""
+        if self._inflater is None:
+            return
+        while piece := self._inflater.decompress(b"", _WRITE_BLOCK):
+            yield piece
+        if not self._inflater.eof:
+            raise zlib.error("the compressed body ended early")
+
+
+async def _body(
+    response: httpx.Response, inflate: _Inflate, preread: bool
+) -> AsyncGenerator[bytes, None]:
+    """The body's bytes, inflated in bounded pieces if it came compressed."""
+    async for raw in response.aiter_bytes() if preread else response.aiter_raw():
+        for piece in inflate.feed(raw):
+            yield piece
+    for piece in inflate.finish():
+        yield piece
+
+
+_PNG_END = b"IEND\xaeB`\x82"
+_JPEG_END = b"\xff\xd9"
+
+
+def _ends_whole(head: bytes, tail: bytes, size: int) -> bool:
+    """Whether an image of `size` bytes, starting with `head` and ending with `tail`, ends
+    where its format says: PNG's IEND chunk, JPEG's end-of-image marker, WebP's RIFF size."""
+    suffix = image_suffix(head)
+    if suffix == ".png":
+        return _PNG_END in tail
+    if suffix == ".jpg":
+        return _JPEG_END in tail  # in entropy-coded data 0xFF is followed by 0x00 or RSTn
+    return size >= int.from_bytes(head[4:8], "little") + 8
 
 
 def _write_block(
@@ -411,6 +554,13 @@ def _write_block(
         raise
     file.close()
     return None
+
+
+def _rewind(file: BinaryIO, start: int | None) -> None:
+    """Take back what a failed attempt wrote to a file object, if it can seek."""
+    if start is not None:
+        file.seek(start)
+        file.truncate()
 
 
 def _discard(file: IO[bytes] | None, part: Path) -> None:

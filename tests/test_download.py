@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import time
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,16 @@ from bfl_async._download import (
     image_suffix,
     url_expiry,
 )
+from bfl_async.testing._images import render
 
 from .helpers import DELIVERY, PNG, image, signed_url
 
 pytestmark = pytest.mark.anyio
+
+# Real images, whose ends a body without a Content-Length is checked for.
+WHOLE_PNG = b"".join(render("png", "t1", (8, 8)))
+WHOLE_JPEG = b"".join(render("jpeg", "t1", (8, 8)))
+WHOLE_WEBP = b"".join(render("webp", "t1", (8, 8)))
 
 
 def result_for(url: str) -> Result:
@@ -67,6 +75,15 @@ class _BreaksAfterFirstChunk(httpx.AsyncByteStream):
         ("https://d.example/x?se=2024-01-01T00:00:00&sp=r", 1704067200.0),
         ("https://d.example/x?sig=1", None),
         ("https://d.example/x?se=soon", None),
+        ("https://d.example/x?se=nan", None),  # not a time: datetime raised for the message
+        ("https://d.example/x?se=-1e300", None),
+        (
+            "https://s3.example/x?X-Amz-Date=20240101T000000Z&X-Amz-Expires=600&X-Amz-Signature=1",
+            1704067800.0,
+        ),
+        ("https://gcs.example/x?X-Goog-Date=20240101T000000Z&X-Goog-Expires=3600", 1704070800.0),
+        ("https://s3.example/x?Expires=1700000000&Signature=1", 1700000000.0),
+        ("https://s3.example/x?X-Amz-Date=yesterday&X-Amz-Expires=600", None),
     ],
 )
 def test_url_expiry(url: str, expected: float | None) -> None:
@@ -276,18 +293,18 @@ async def test_a_body_without_length_is_cut_off_at_the_cap(
     assert body.sent == 3 and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("pieces", [[b"\x89PN", b"G\r\n\x1a\n", PNG[8:]], [PNG[:5]], [b""]])
+@pytest.mark.parametrize("pieces", [[b"\x89PN", b"G\r\n\x1a\n", WHOLE_PNG[8:]], [PNG[:5]], [b""]])
 async def test_the_first_bytes_decide_even_across_small_chunks(
     pieces: list[bytes], mock: respx.MockRouter, tmp_path: Path
 ) -> None:
     mock.get(DELIVERY).mock(return_value=httpx.Response(200, stream=_Chunks(*pieces)))
     async with httpx.AsyncClient() as client:
         downloader = Downloader(client, max_bytes=None)
-        if b"".join(pieces) == PNG:
+        if b"".join(pieces) == WHOLE_PNG:
             path = await downloader.to_directory(
                 result_for(signed_url()), tmp_path, "a", overwrite=False
             )
-            assert path.read_bytes() == PNG and path.suffix == ".png"
+            assert path.read_bytes() == WHOLE_PNG and path.suffix == ".png"
         else:
             with pytest.raises(DownloadRefusedError, match="not a PNG, JPEG or WebP"):
                 await downloader.to_directory(
@@ -438,3 +455,179 @@ def test_a_block_that_cannot_be_written_closes_the_file_it_opened(
     with pytest.raises(OSError, match="No space"):
         _write_block(tmp_path / "a.part", None, bytearray(b"x"), False, False)
     assert full.closed  # or its handle leaks, and on Windows the part file cannot be removed
+
+
+@pytest.mark.parametrize("whole", [WHOLE_PNG, WHOLE_JPEG, WHOLE_WEBP], ids=["png", "jpeg", "webp"])
+async def test_a_body_without_length_that_stops_short_of_the_image_end_is_not_placed(
+    whole: bytes, mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    # No Content-Length: a connection closed early ends the body as cleanly as the server
+    # would, so only the image's own end (IEND, EOI, the RIFF size) tells it was whole.
+    cut = httpx.Response(200, stream=_Chunks(whole[:20], whole[20:-10]))
+    route = mock.get(DELIVERY).mock(side_effect=[cut, httpx.Response(200, stream=_Chunks(whole))])
+    path = await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+    assert path.read_bytes() == whole and route.call_count == 2
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    # Bytes that went out cannot be taken back: the stream says it was cut.
+    mock.get(DELIVERY).mock(return_value=httpx.Response(200, stream=_Chunks(whole[:-10])))
+    with pytest.raises(DownloadError, match="incomplete"):
+        async for _ in downloader.stream(result_for(signed_url())):
+            pass
+
+
+def _gzip(*pieces: bytes, wbits: int = 31) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return b"".join(packer.compress(piece) for piece in pieces) + packer.flush()
+
+
+async def test_a_compressed_body_is_inflated_in_pieces_the_cap_can_stop(
+    mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    # 64 MB of zeros behind a PNG signature is 64 KB of gzip: inflated at once, one such
+    # body took 64 MB of memory whatever the cap.
+    bomb = _gzip(PNG[:8], *[bytes(1 << 20)] * 64)
+    assert len(bomb) < 100_000
+    gzipped = {"content-encoding": "gzip", "content-length": str(len(bomb))}
+    answer = httpx.Response(200, headers=gzipped, stream=_Chunks(bomb))  # content= is read
+    mock.get(DELIVERY).mock(return_value=answer)
+    tracemalloc.start()
+    try:
+        async with httpx.AsyncClient() as client:
+            small = Downloader(client, max_bytes=1 << 20)
+            with pytest.raises(DownloadRefusedError, match="larger than max_download_bytes"):
+                await small.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("encoding", "wbits"),
+    [("gzip", 31), ("x-gzip", 31), ("deflate", 15), ("deflate", -15)],
+    ids=["gzip", "x-gzip", "deflate", "raw-deflate"],
+)
+async def test_a_compressed_image_is_saved_inflated(
+    encoding: str, wbits: int, mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    big = WHOLE_PNG[:-12] + bytes(300_000) + WHOLE_PNG[-12:]  # more than one inflated piece
+    packed = _gzip(big, wbits=wbits)
+    pieces = [packed[i : i + 7] for i in range(0, len(packed), 7)]  # raw reads split anywhere
+    answer = httpx.Response(200, headers={"content-encoding": encoding}, stream=_Chunks(*pieces))
+    mock.get(DELIVERY).mock(return_value=answer)
+    path = await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+    assert path.read_bytes() == big
+
+
+async def test_a_compressed_body_cut_short_is_a_broken_transfer(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    packed = _gzip(WHOLE_PNG)  # cut in its trailer: the image inflates whole, the gzip not
+    cut = httpx.Response(200, headers={"content-encoding": "gzip"}, stream=_Chunks(packed[:-6]))
+    whole = httpx.Response(200, headers={"content-encoding": "gzip"}, stream=_Chunks(packed))
+    route = mock.get(DELIVERY).mock(side_effect=[cut, whole])
+    path = await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+    assert path.read_bytes() == WHOLE_PNG and route.call_count == 2
+
+
+async def test_a_compression_the_client_cannot_bound_is_refused(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    route = mock.get(DELIVERY).respond(200, headers={"content-encoding": "br"}, content=b"x" * 50)
+    with pytest.raises(DownloadRefusedError, match="compressed as 'br'") as e:
+        await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=False)
+    assert e.value.result.sample.startswith(DELIVERY) and route.call_count == 1
+
+
+async def test_an_image_that_cannot_be_placed_leaves_no_part_file(
+    mock: respx.MockRouter,
+    downloader: Downloader,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "a.png").mkdir()  # in the way: os.replace cannot put a file there
+    (tmp_path / "a.png" / "x").write_bytes(b"")
+    mock.get(DELIVERY).mock(return_value=image())
+    with pytest.raises(IsADirectoryError):
+        await downloader.to_directory(result_for(signed_url()), tmp_path, "a", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+    def refused(src: str, dst: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "link", refused)
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(PermissionError):
+        await downloader.to_directory(result_for(signed_url()), tmp_path, "b", overwrite=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+async def test_a_file_object_keeps_no_part_of_an_image_that_failed(
+    mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    short = httpx.Response(200, content=PNG[:100], headers={"content-length": str(len(PNG))})
+    mock.get(DELIVERY).mock(return_value=short)
+    async with httpx.AsyncClient() as client:
+        downloader = Downloader(client, attempts=2, retry_base_delay=0.001, max_bytes=len(PNG))
+        out = io.BytesIO(b"kept")
+        out.seek(4)
+        with pytest.raises(DownloadError, match=r"after 2 attempts \(truncated"):
+            await downloader.to_file(result_for(signed_url()), out)
+        assert out.getvalue() == b"kept"  # not the first 100 bytes of an image
+        # Past the cap, with no Content-Length to refuse it before its first byte.
+        mock.get(DELIVERY).mock(return_value=httpx.Response(200, stream=_Chunks(PNG, PNG)))
+        refused = pytest.raises(DownloadRefusedError, match="larger than max_download_bytes")
+        with (tmp_path / "a.png").open("wb") as file, refused:
+            await downloader.to_file(result_for(signed_url()), file)
+        assert (tmp_path / "a.png").read_bytes() == b""
+
+
+async def test_a_refusal_before_an_s3_urls_expiry_keeps_the_paid_result(
+    mock: respx.MockRouter, downloader: Downloader, tmp_path: Path
+) -> None:
+    signed = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    url = f"{DELIVERY}?X-Amz-Date={signed}&X-Amz-Expires=600&X-Amz-Signature=abc"
+    route = mock.get(DELIVERY).mock(side_effect=[httpx.Response(403), image()])
+    path = await downloader.to_directory(result_for(url), tmp_path, "a", overwrite=False)
+    assert path.read_bytes() == PNG and route.call_count == 2
+    # And past it, no request: the image is gone.
+    stale = url.replace(signed, "20240101T000000Z")
+    with pytest.raises(ResultExpiredError, match="expired at 00:10:00 UTC"):
+        await downloader.to_directory(result_for(stale), tmp_path, "b", overwrite=False)
+    assert route.call_count == 2
+
+
+@pytest.mark.parametrize(
+    "name", ["CON", "nul", "com1.final", "LPT\u00b9", "a:b", 'say "hi"', "why?"]
+)
+def test_a_name_windows_would_make_something_else_of_is_refused_there(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `a:b.png` is a hidden stream of the file `a`; `CON.png` the console: a paid image lost.
+    check_file_name("m", name)  # a plain name elsewhere
+    monkeypatch.setattr("bfl_async._download._WINDOWS", True)
+    with pytest.raises(ParameterError, match="not a device name"):
+        check_file_name("m", name)
+    check_file_name("m", "console")
+
+
+async def test_an_answer_read_in_full_by_its_transport_is_saved(tmp_path: Path) -> None:
+    # httpx.MockTransport hands over a body already read into memory (and decoded).
+    packed = _gzip(WHOLE_PNG)
+    short = {"content-length": str(len(WHOLE_PNG))}
+    answers = [
+        httpx.Response(200, content=WHOLE_PNG),
+        httpx.Response(200, content=packed, headers={"content-encoding": "gzip"}),
+        httpx.Response(200, content=WHOLE_PNG[:100], headers=short),  # still a truncation
+        httpx.Response(200, content=WHOLE_PNG),
+    ]
+    transport = httpx.MockTransport(lambda request: answers.pop(0))
+    async with httpx.AsyncClient(transport=transport) as client:
+        downloader = Downloader(client, retry_base_delay=0.001)
+        for name in ("plain", "gzipped", "retried"):
+            path = await downloader.to_directory(
+                result_for(signed_url()), tmp_path, name, overwrite=False
+            )
+            assert path.read_bytes() == WHOLE_PNG
+    assert answers == []
