@@ -18,7 +18,8 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
+import unicodedata
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +41,8 @@ from ._errors import (
     GenerationError,
     ModerationError,
     OutputExistsError,
+    ParameterError,
+    Problem,
     ResultExpiredError,
     SubmissionUncertainError,
     TaskNotFoundError,
@@ -198,7 +201,8 @@ class Batch:
     ```
     Iterating runs the batch and yields each job as it ends (jobs already finished in an
     earlier run come first). `stop()` stops new submits; leaving the block writes
-    `manifest.json` next to the images.
+    `manifest.json` next to the images. A step that cannot be journaled (a full disk) stops
+    the batch, and the loop raises its error once every job is reported.
     """
 
     journal_name: ClassVar[str] = JOURNAL_NAME
@@ -219,6 +223,11 @@ class Batch:
     ) -> None:
         if max_cost is not None and not max_cost >= 0:
             raise ValueError(f"max_cost must be a number of credits >= 0, not {max_cost!r}")
+        if timeout is not None and not timeout > 0:  # each job would be paid, then given up
+            raise ValueError(
+                f"timeout must be a number of seconds > 0 (or None: the client's "
+                f"wait_timeout), not {timeout!r}"
+            )
         self._client = client
         self._requests = [dict(job) for job in jobs]
         self.output_dir = Path(output_dir)
@@ -284,6 +293,8 @@ class Batch:
     # --- lifecycle --------------------------------------------------------------------
 
     async def __aenter__(self) -> Batch:
+        if self._journal is not None:  # planned again, each job would be counted twice
+            raise RuntimeError("a batch runs once; create a new one to run it again")
         self._journal = await Journal.open(self.journal_path)
         try:
             here = str(self._client.base_url)
@@ -342,6 +353,7 @@ class Batch:
         known = await self._journal.load()
         jobs: list[_Job] = []
         names: set[str] = set()
+        files: dict[str, str] = {}
         seen: dict[str, int] = {}
         for index, request in enumerate(self._requests):
             params = dict(request)
@@ -349,6 +361,8 @@ class Batch:
             name = params.pop("name", None)
             try:
                 spec, body = build_job(model, name, params, names)
+                if name is not None:
+                    _check_one_file(spec.name, name, files)
             except BFLError as exc:
                 record = JobRecord(
                     index, "", name if isinstance(name, str) else None, str(model), "failed",
@@ -423,8 +437,8 @@ class Batch:
         job.risk = row.risk
         self._records[job.index] = record
         state = row.state
-        if state == "submitting":  # a submit left on its way: one more at risk
-            job.risk += job.estimate
+        if state == "submitting":  # a submit left on its way: one more at risk, at its price
+            job.risk += row.estimate
         self._at_risk += job.risk
         if state in ("submitting", "uncertain"):
             error = row.error or (
@@ -466,6 +480,21 @@ class Batch:
         for record in self._finished_early:
             send.send_nowait(record)
         finished = self._finished = anyio.Event()
+        failures: list[Exception] = []
+
+        async def guarded(job: _Job, step: Callable[..., Awaitable[None]], *args: Any) -> None:
+            # A step that could not be taken or journaled (a journal that cannot be written):
+            # the job is reported as the journal has it, the batch stops, and the loop raises
+            # the error, rather than it tearing down the client's tasks and every other job.
+            try:
+                await step(job, *args, send)
+            except Exception as exc:
+                if failures:
+                    logger.error("job %s also failed", job.key, exc_info=exc)
+                failures.append(exc)
+                self.stop(grace=0)
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    send.send_nowait(job.record)
 
         async def run_all() -> None:
             try:
@@ -473,14 +502,16 @@ class Batch:
                     # Ready results first (their URLs expire), then paid tasks take their
                     # slots (claimed now, ahead of any new submit), then new submits.
                     for job in self._to_download:
-                        jobs_tg.start_soon(self._download_ready, job, send)
+                        jobs_tg.start_soon(guarded, job, self._download_ready)
                     for job in self._to_attach:
                         assert job.record.task is not None
                         watch = self._client._attach(job.record.task)
-                        jobs_tg.start_soon(self._follow, job, watch, send)
+                        jobs_tg.start_soon(guarded, job, self._follow, watch)
                     for job in self._to_submit:
                         job.scope = anyio.CancelScope()
-                        jobs_tg.start_soon(self._submit, job, send)
+                        jobs_tg.start_soon(guarded, job, self._submit)
+            except Exception as exc:  # the client closed under it
+                failures.append(exc)
             finally:
                 finished.set()
 
@@ -494,6 +525,8 @@ class Batch:
                 self.stop(grace=0)
             with anyio.CancelScope(shield=True):
                 await finished.wait()
+        if failures:
+            raise failures[0]
 
     async def _set(self, job: _Job, state: JobState, **values: Any) -> None:
         """Journal the job's new state, then reflect it in its record."""
@@ -630,7 +663,9 @@ class Batch:
             job.reserved = True
         job.attempts += 1
         assert self._journal is not None
-        await self._journal.update(job.key, state="submitting", attempts=job.attempts)
+        await self._journal.update(
+            job.key, state="submitting", attempts=job.attempts, estimate=job.estimate
+        )
         if self._stopping:  # stopped while that was written (no checkpoint comes before the
             raise _Stopped  # POST to cancel it): nothing goes out, the job stays `queued`
 
@@ -692,6 +727,7 @@ class Batch:
     ) -> None:
         """Watch a paid task to its end and download its image."""
         task = watch.task
+        watch.journaled = True  # a client closed on it logs no handle: the next run has it
         with self._followed(job, send):
             try:
                 if self._timeout is None:
@@ -703,8 +739,10 @@ class Batch:
                 return
             except Exception as exc:
                 # Still paid and perhaps still running (timeout, key revoked...): kept
-                # `submitted`, so the next run watches it again.
-                await self._end(job, send, "submitted", error=_describe(exc), exception=exc)
+                # `submitted`, so the next run watches it again; one an earlier run found
+                # Ready stays `ready`, since that run may have saved its image already.
+                state: JobState = "ready" if job.was_ready else "submitted"
+                await self._end(job, send, state, error=_describe(exc), exception=exc)
                 return
             with anyio.CancelScope(shield=True):
                 await self._set(job, "ready", sample=result.sample, seed=result.seed)
@@ -715,8 +753,7 @@ class Batch:
         valid, else ask BFL again for a fresh one."""
         task = job.record.task
         assert task is not None
-        expiry = url_expiry(job.sample) if job.sample else 0.0
-        if job.sample is None or (expiry is not None and expiry <= time.time()):
+        if not job.sample or not _still_valid(job.sample):
             await self._follow(job, self._client._attach(task), send)
             return
         result = Result(task=task, sample=job.sample, ready_at=time.time())
@@ -734,8 +771,14 @@ class Batch:
             )  # fmt: skip
         except ResultExpiredError as exc:
             await self._end_unfetched(job, send, "expired", exc)
-        except (BFLError, OSError) as exc:
-            # Paid and Ready: kept `ready`, so the next run tries the download again.
+        except OutputExistsError as exc:
+            # Another file took the name while the task ran; the paid image is kept beside it
+            # (the error says where). Ended for good: a later run would take that file for
+            # one it had saved itself, and overwrite it.
+            await self._end(job, send, "failed", error=_describe(exc), exception=exc)
+        except Exception as exc:
+            # Paid and Ready: kept `ready` whatever went wrong (a refused body, a full disk,
+            # a URL that does not parse), so the next run tries the download again.
             await self._end(job, send, "ready", error=_describe(exc), exception=exc)
         else:
             await self._end(job, send, "downloaded", path=path, error=None)
@@ -811,6 +854,35 @@ def _is_local(base_url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_one_file(model: str, name: str, files: dict[str, str]) -> None:
+    """Refuse a job name that a case-insensitive file system (Windows, macOS) or one blind
+    to how accents are encoded (macOS) takes for another job's file: both jobs would be paid
+    for, and one image overwrite the other or never be saved."""
+    folded = unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+    other = files.setdefault(folded, name)
+    if other != name:
+        raise ParameterError(
+            model,
+            [
+                Problem(
+                    "name",
+                    f"{name!r} and {other!r} name the same file on Windows and macOS",
+                    "names that differ in more than letter case",
+                )
+            ],
+        )
+
+
+def _still_valid(sample: str) -> bool:
+    """Whether a result URL saved by an earlier run may still serve its image: it parses,
+    and it has not expired. Otherwise BFL is asked for the task's URL again."""
+    try:
+        expiry = url_expiry(sample)
+    except (httpx.InvalidURL, ValueError):
+        return False
+    return expiry is None or expiry > time.time()
 
 
 def _cost(value: float | None, estimate: float) -> float:

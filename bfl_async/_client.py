@@ -188,6 +188,9 @@ class _Watch:
     resumed: bool = False
     """A handle from elsewhere (or polled again after an error), perhaps ended long ago:
     its first poll goes at once."""
+    journaled: bool = False
+    """A batch's journal holds the task: the batch's next run picks it up, so a client that
+    closes on it leaves nobody a handle to log."""
     result: Result | None = None
     error: Exception | None = None
     finished_at: float | None = None
@@ -453,7 +456,13 @@ class AsyncBFL:
                 for watch in [w for w in self._watches.values() if not w.done.is_set()]:
                     await watch.done.wait()
             for watch in self._watches.values():
-                if not watch.done.is_set():
+                if watch.done.is_set():
+                    continue
+                if watch.journaled:
+                    logger.info(
+                        "task %s is still running; its batch's journal holds it", watch.task.id
+                    )
+                else:
                     _log_left(watch.task, "the client closed while it was still in flight")
             self._early.close()  # pushes for tasks it never saw accepted, logged
             if self._background is not None:

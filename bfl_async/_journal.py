@@ -14,6 +14,7 @@ a crash leaves none behind), and a second run is refused rather than paying for 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
 import threading
@@ -87,6 +88,8 @@ class JobRow:
     name: str | None
     model: str
     estimate: float
+    """The catalog's price of the job's request, as of its latest submit (a named job's
+    request may change between runs)."""
     state: JobState
     task: str | None = None
     """The Task handle as JSON, once BFL accepted the submit."""
@@ -107,7 +110,7 @@ class JobRow:
 
 
 _COLUMNS = tuple(f.name for f in fields(JobRow))
-_UPDATABLE = frozenset(_COLUMNS) - {"key", "position", "name", "model", "estimate"}
+_UPDATABLE = frozenset(_COLUMNS) - {"key", "position", "name", "model"}
 
 
 class Journal:
@@ -259,6 +262,14 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                # A COMMIT refused (busy, say) leaves the transaction open, and every later
+                # BEGIN would fail: the step is dropped, and the COMMIT's error says why.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
         elif self._db.in_transaction:  # SQLite rolls some failures back itself (a full disk):
             self._db.execute("ROLLBACK")  # a ROLLBACK then would hide the error behind its own

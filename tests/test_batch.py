@@ -110,8 +110,9 @@ def never_fake() -> FakeBFL:
 
 
 async def test_stop_keeps_paid_tasks_submitted_and_the_next_run_attaches_them_first(
-    never_fake: FakeBFL, tmp_path: Path
+    never_fake: FakeBFL, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="bfl_async")
     fake = never_fake
     seen: list[str] = []
     async with (
@@ -130,6 +131,10 @@ async def test_stop_keeps_paid_tasks_submitted_and_the_next_run_attaches_them_fi
                 seen.append(record.state)
     assert batch.stopping
     assert batch.counts() == {"submitted": 4, "queued": 6}
+    # The client closed on 4 running tasks the journal holds: no handles logged to resume
+    # them in Python, since the next run of the batch does.
+    assert caplog.text.count("its batch's journal holds it") == 4
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert sorted(seen) == ["queued"] * 6 + ["submitted"] * 4
     assert fake.submits == 4
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -872,12 +877,14 @@ async def test_an_image_saved_just_before_a_crash_is_not_reported_lost(
         fake.result_ttl = 0.0  # polled again, BFL answers with the same expired URL
     else:
         fake.tasks.clear()  # polled again, BFL no longer knows the tasks
-    downloads = fake.downloads
+    files = {path: (path.stat().st_ino, path.read_bytes()) for path in saved.values() if path}
     again = await run(fake, tmp_path, job_list)
     assert again.counts() == {"downloaded": 2}  # not `expired` or `failed`: they are there
     assert {r.key: r.path for r in again.records} == saved
-    assert all(path is not None and path.is_file() for path in saved.values())
-    assert fake.submits == 2 and fake.downloads == downloads
+    # The very files saved before: neither replaced nor rewritten (an expired URL may be
+    # asked for once more, as the delivery host alone knows whether it expired).
+    assert {path: (path.stat().st_ino, path.read_bytes()) for path in files} == files
+    assert fake.submits == 2
     with sqlite3.connect(tmp_path / Batch.journal_name) as db:
         assert {state for (state,) in db.execute("SELECT state FROM jobs")} == {"downloaded"}
     # A job whose image is not there is still `expired`.
@@ -1017,3 +1024,229 @@ async def test_a_batch_run_on_a_local_fake_is_not_taken_for_one_on_bfl(tmp_path:
             async for _ in again:
                 pass
         assert again.counts() == {"downloaded": 2} and local.submits == 0
+
+
+# --- one job's trouble: reported, never silent, never the client's --------------------------
+
+
+@BOTH
+async def test_a_journal_that_fails_mid_run_stops_the_batch_and_raises_from_its_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A journal write that fails after the submit (a full disk, an I/O error) used to end
+    # the loop early with no error and jobs unreported; the error escaped later from the
+    # client's exit as nested ExceptionGroups, having cancelled all of the client's work.
+    fake = FakeBFL(generation_time=0.01)
+    original = Journal._update
+    failed: list[str] = []
+
+    def failing_once(self: Journal, key: str, values: dict[str, Any]) -> None:
+        if values.get("state") == "ready" and not failed:
+            failed.append(key)
+            raise sqlite3.OperationalError("disk I/O error")
+        original(self, key, values)
+
+    monkeypatch.setattr(Journal, "_update", failing_once)
+    seen: list[JobRecord] = []
+    async with client_for(fake, limits={"standard": 2}) as client:
+        with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+            async with client.batch(jobs(4), tmp_path) as batch:
+                async for record in batch:
+                    seen.append(record)
+        # Every job was reported, and the client is still of use.
+        assert sorted(r.key for r in seen) == sorted(r.key for r in batch.records)
+        [broken] = [r for r in batch.records if r.key == failed[0]]
+        assert broken.state == "submitted" and broken.task is not None
+        image = await client.generate("flux-2-klein-4b", prompt="after", output_dir=tmp_path)
+        assert image.path.is_file()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["summary"]["states"] == batch.counts()
+    monkeypatch.undo()
+    submits, unsent = fake.submits, batch.counts().get("queued", 0)
+    again = await run(fake, tmp_path, jobs(4))  # the journal agrees: nothing paid twice
+    assert again.counts() == {"downloaded": 4} and fake.submits == submits + unsent
+    assert fake.duplicate_submits == 0
+
+
+class _BadSample(httpx.AsyncBaseTransport):
+    """The fake in memory, with the first `count` Ready answers' result URL made unusable."""
+
+    def __init__(self, fake: FakeBFL, sample: str, count: int = 1) -> None:
+        self._inner = fake.transport()
+        self._sample = sample
+        self.left = count
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if request.method != "GET" or "get_result" not in str(request.url):
+            return response
+        await response.aread()
+        answer = json.loads(response.content)
+        if answer.get("status") != "Ready" or self.left <= 0:
+            return response
+        self.left -= 1
+        answer["result"]["sample"] = self._sample
+        return httpx.Response(200, json=answer, headers={"retry-after": "1"})
+
+
+@pytest.mark.parametrize("sample", ["https://delivery.bfl.ai:port/x.jpg", "https://[bad]/x.jpg"])
+async def test_an_unusable_result_url_keeps_its_job_ready_and_the_batch_going(
+    sample: str, tmp_path: Path
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    bad = _BadSample(fake, sample)
+    client = client_for(fake, http_client=httpx.AsyncClient(transport=bad))
+    batch = await run_with(client, tmp_path, jobs(3))
+    assert batch.counts() == {"downloaded": 2, "ready": 1} and bad.left == 0
+    [kept] = [r for r in batch.records if r.state == "ready"]
+    assert kept.task is not None and kept.error is not None
+    # The next run asks BFL again for the URL it saved, and saves the paid image.
+    again = await run(fake, tmp_path, jobs(3))
+    assert again.counts() == {"downloaded": 3} and fake.submits == 3
+
+
+async def test_names_one_file_system_takes_for_one_file_are_refused_before_paying(
+    tmp_path: Path,
+) -> None:
+    # On Windows and macOS "Fox" and "fox" (or "café" composed and decomposed) are one file:
+    # both were paid for, and the second image overwrote the first or was left behind.
+    fake = FakeBFL(generation_time=0.01)
+    names = ["Fox", "fox", "caf\u00e9", "cafe\u0301", "FOX", "wolf"]
+    job_list = [{"model": "flux-2-klein-4b", "prompt": n, "name": n} for n in names]
+    batch = await run(fake, tmp_path, job_list)
+    assert [r.state for r in batch.records] == [
+        "downloaded", "failed", "downloaded", "failed", "failed", "downloaded"
+    ]  # fmt: skip
+    for record in (batch.records[1], batch.records[3], batch.records[4]):
+        assert isinstance(record.exception, ParameterError) and record.task is None
+        assert "same file" in str(record.exception)
+    assert fake.submits == 3
+
+
+async def test_an_image_saved_before_a_crash_survives_a_failed_poll_for_a_fresh_url(
+    tmp_path: Path,
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    job_list = [{"model": "flux-2-klein-4b", "prompt": "x", "name": "fox"}]
+    first = await run(fake, tmp_path, job_list)
+    [saved] = [r.path for r in first.records]
+    assert saved is not None and saved.is_file()
+    # Killed after the image was moved into place, before the journal said `downloaded`;
+    # the next run comes after the URL expired, and its poll for a fresh one fails.
+    with sqlite3.connect(tmp_path / Batch.journal_name) as db:
+        [(task,)] = db.execute("SELECT task FROM jobs")
+        expired = fake.sign_url(Task.model_validate_json(task).id, expires_at=time.time() - 60)
+        db.execute("UPDATE jobs SET state = 'ready', path = NULL, sample = ?", (expired,))
+    key, fake.api_key = fake.api_key, "revoked"  # the key we poll with is refused
+    failed = await run_with(client_for(fake, api_key=key), tmp_path, job_list)
+    assert failed.records[0].error_type == "AuthenticationError"
+    assert failed.records[0].state == "ready"  # not `submitted`: its image may be there
+    fake.api_key = key
+    fake.result_ttl = 0.0  # polled again, BFL answers with an expired URL
+    again = await run(fake, tmp_path, job_list)
+    assert again.counts() == {"downloaded": 1} and again.records[0].path == saved
+    assert fake.submits == 1
+
+
+async def test_a_journal_write_whose_commit_failed_does_not_break_every_later_one(
+    tmp_path: Path,
+) -> None:
+    # A COMMIT refused as busy (a journal SQLite could not put in WAL mode, read meanwhile
+    # by another program) leaves its transaction open: every later write then failed with
+    # "cannot start a transaction within a transaction", for the rest of the run.
+    path = tmp_path / "j.sqlite"
+    journal = await Journal.open(path)
+    try:
+        await journal.add([JobRow("k", 0, None, "flux-2-pro", 3.0, "queued")])
+        journal._db.execute("PRAGMA journal_mode=DELETE")
+        journal._db.execute("PRAGMA busy_timeout=0")
+        reader = sqlite3.connect(path, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT key FROM jobs").fetchall()  # its lock keeps COMMIT waiting
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                await journal.update("k", state="submitting")
+        finally:
+            reader.close()
+        assert not journal._db.in_transaction
+        await journal.update("k", state="submitted", task="{}")
+        assert (await journal.load())["k"].state == "submitted"
+    finally:
+        await journal.aclose()
+
+
+@pytest.mark.parametrize("then", ["removed", "edited"])
+async def test_a_submit_cut_short_counts_the_price_of_the_request_it_sent(
+    then: str, tmp_path: Path
+) -> None:
+    # A named job is known by its name: its model may change between runs. A run killed
+    # while its submit was on its way must count that submit's price at risk, not the price
+    # the job had when first listed, nor the one it has now.
+    fake = FakeBFL(generation_time=0.01)
+    klein = {"model": "flux-2-klein-4b", "prompt": "x", "name": "hero", "width": 256, "height": 256}
+    pro = {**klein, "model": "flux-2-pro"}
+    assert (await run(fake, tmp_path, [klein], max_cost=1.0)).counts() == {"skipped": 1}
+    sent = await run(fake, tmp_path, [pro])  # edited, then sent at the pro model's price
+    assert sent.counts() == {"downloaded": 1} and sent.records[0].estimate == 3.0
+    with sqlite3.connect(tmp_path / Batch.journal_name) as db:  # killed in its submit
+        db.execute("UPDATE jobs SET state = 'submitting', task = NULL, cost = NULL, path = NULL")
+    again = await run(fake, tmp_path, [klein] if then == "edited" else [])
+    assert again.counts() == {"uncertain": 1} and again.at_risk == 3.0
+    assert fake.submits == 1
+
+
+@pytest.mark.parametrize("timeout", [-1.0, 0.0, math.nan])
+async def test_a_timeout_no_job_could_meet_is_refused_before_paying(
+    timeout: float, tmp_path: Path
+) -> None:
+    # Every job would be paid for and then given up at once, its image left to expire.
+    fake = FakeBFL(generation_time=0.01)
+    async with client_for(fake) as client:
+        with pytest.raises(ValueError, match="timeout"):
+            client.batch(jobs(2), tmp_path, timeout=timeout)
+    assert fake.submits == 0
+
+
+async def test_entering_a_batch_again_is_refused_and_leaves_its_manifest_right(
+    tmp_path: Path,
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    async with client_for(fake) as client:
+        batch = client.batch(jobs(2), tmp_path)
+        async with batch:
+            async for _ in batch:
+                pass
+        with pytest.raises(RuntimeError, match="runs once"):
+            async with batch:  # planned again, every job and credit was counted twice
+                pass
+    assert len(batch.records) == 2 and batch.spent == 2.8
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["summary"]["jobs"] == 2 and manifest["summary"]["spent_credits"] == 2.8
+
+
+async def test_a_file_that_takes_the_name_while_its_task_runs_is_never_overwritten(
+    tmp_path: Path,
+) -> None:
+    # The image was kept beside the file, and the job left `ready`: the next run took the
+    # file for one an earlier run had saved, and overwrote it (or, its URL expired, reported
+    # it as the job's image).
+    fake = FakeBFL(generation_time=0.01)
+
+    def someone_writes_it(model: str, body: dict[str, Any]) -> str:
+        (tmp_path / "fox.jpg").write_bytes(b"theirs")
+        return "Ready"
+
+    fake.outcome = someone_writes_it
+    job_list = [{"model": "flux-2-klein-4b", "prompt": "x", "name": "fox"}]
+    first = await run(fake, tmp_path, job_list)
+    [record] = first.records
+    assert record.state == "failed" and record.error_type == "OutputExistsError"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("fox.") and p.suffix == ".part"]
+    assert len(kept) == 1 and str(kept[0]) in (record.error or "")  # the paid image, kept
+    fake.outcome = None
+    for ttl in (600.0, 0.0):  # its URL still valid, then expired
+        fake.result_ttl = ttl
+        again = await run(fake, tmp_path, job_list)
+        assert again.counts() == {"failed": 1} and again.records[0].path is None
+        assert (tmp_path / "fox.jpg").read_bytes() == b"theirs"
+    assert fake.submits == 1
