@@ -233,41 +233,52 @@ class Downloader:
         if image_suffix(head) is None:
             raise self._refuse(result, "it is not a PNG, JPEG or WebP image")
 
-    def _check_fresh(self, result: Result) -> None:
+    def _refused(self, result: Result, status: int) -> Exception:
+        """What a delivery host's refusal (401, 403, 404, 410) of the result URL means: a URL
+        past its expiry is gone; one refused before it is tried again (a blob not yet
+        replicated, a host astray). The URL is always tried first: only the host knows
+        whether it expired, and a clock ten minutes fast would otherwise lose every image."""
         expiry = url_expiry(result.sample)
         if expiry is not None and expiry <= time.time():
-            raise ResultExpiredError(
+            return ResultExpiredError(
                 f"the result URL of task {result.task.id} expired at "
-                f"{dt.datetime.fromtimestamp(expiry, dt.timezone.utc):%H:%M:%S} UTC; "
-                "BFL keeps results about 10 minutes. Generate the image again",
+                f"{dt.datetime.fromtimestamp(expiry, dt.timezone.utc):%H:%M:%S} UTC "
+                f"(refused with {status}); BFL keeps results about 10 minutes. Generate the "
+                "image again",
                 task=result.task,
             )
+        if expiry is not None:
+            # Tried again, and on failure the paid result is kept to be fetched again
+            # while it is valid.
+            return _Broken(f"HTTP {status} before the URL's expiry")
+        return ResultExpiredError(
+            f"the delivery host refused the result URL of task {result.task.id} ({status}); "
+            "it has probably expired. Generate the image again",
+            task=result.task,
+        )
 
     async def chunks(self, result: Result) -> AsyncGenerator[bytes, None]:
         """One streamed GET of the image, checked at the end for its length, or without a
         `Content-Length` for the image's own end (a close can end such a body early)."""
-        self._check_fresh(result)
-        request = self._client.build_request(
-            "GET", result.sample, headers={"accept-encoding": "identity"}
-        )
+        try:
+            request = self._client.build_request(
+                "GET", result.sample, headers={"accept-encoding": "identity"}
+            )
+        except httpx.InvalidURL as exc:
+            raise DownloadError(
+                f"the result URL of task {result.task.id} does not parse ({exc}), so its image "
+                "cannot be fetched from it; wait for the task again for a new URL, or report "
+                "its id to BFL",
+                task=result.task,
+                result=result,
+            ) from None
         try:
             response = await self._client.send(request, stream=True, follow_redirects=True)
         except httpx.HTTPError as exc:  # lost, or undecodable
             raise _Broken(type(exc).__name__) from exc
         try:
             if response.status_code in (401, 403, 404, 410):
-                self._check_fresh(result)
-                if url_expiry(result.sample) is not None:
-                    # Refused before the expiry it was signed with: a blob not yet
-                    # replicated, a clock or a host astray. Tried again, and on failure
-                    # the paid result is kept to be fetched again while it is valid.
-                    raise _Broken(f"HTTP {response.status_code} before the URL's expiry")
-                raise ResultExpiredError(
-                    f"the delivery host refused the result URL of task {result.task.id} "
-                    f"({response.status_code}); it has probably expired. Generate the "
-                    "image again",
-                    task=result.task,
-                )
+                raise self._refused(result, response.status_code)
             if response.status_code != 200:
                 wait = parse_retry_after(response.headers.get("retry-after"))
                 raise _Broken(f"HTTP {response.status_code}", wait)

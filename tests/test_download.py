@@ -591,11 +591,12 @@ async def test_a_refusal_before_an_s3_urls_expiry_keeps_the_paid_result(
     route = mock.get(DELIVERY).mock(side_effect=[httpx.Response(403), image()])
     path = await downloader.to_directory(result_for(url), tmp_path, "a", overwrite=False)
     assert path.read_bytes() == PNG and route.call_count == 2
-    # And past it, no request: the image is gone.
+    # And refused past it: the image is gone, not asked for again.
     stale = url.replace(signed, "20240101T000000Z")
+    route.side_effect = [httpx.Response(403)]
     with pytest.raises(ResultExpiredError, match="expired at 00:10:00 UTC"):
         await downloader.to_directory(result_for(stale), tmp_path, "b", overwrite=False)
-    assert route.call_count == 2
+    assert route.call_count == 3
 
 
 @pytest.mark.parametrize(
@@ -631,3 +632,12 @@ async def test_an_answer_read_in_full_by_its_transport_is_saved(tmp_path: Path) 
             )
             assert path.read_bytes() == WHOLE_PNG
     assert answers == []
+
+
+async def test_a_result_url_that_does_not_parse_is_a_download_error_with_the_result(
+    downloader: Downloader, tmp_path: Path
+) -> None:
+    result = result_for("https://d.example:port/a.png")
+    with pytest.raises(DownloadError, match="does not parse") as caught:
+        await downloader.to_directory(result, tmp_path, "a", overwrite=False)
+    assert caught.value.result == result and list(tmp_path.iterdir()) == []
