@@ -6,6 +6,8 @@ Keys, under a namespace `ns` (no secret in any of them):
   ns:queue            ZSET ticket id -> place: the global FIFO of waiting submits
   ns:ticket           HASH ticket id -> its pools, comma-separated
   ns:ticket_exp       ZSET ticket id -> expiry: a dead process's tickets go
+  ns:dropped          ZSET ticket id -> expiry: tickets dropped before they were registered
+                      (a GRANT still on its way must not queue them)
   ns:seq              the counter that gives tickets their place
   ns:adapt            HASH eff:<pool> (limit lowered after a 429), refused:<pool> (when)
   ns:polls            the earliest moment (us) the next poll of the account may leave
@@ -45,14 +47,18 @@ for _ = 1, n do limits[ARGV[i]] = tonumber(ARGV[i + 1]); i = i + 2 end
 n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   local id, pools, front = ARGV[i], ARGV[i + 1], ARGV[i + 2]; i = i + 3
-  local place = redis.call('INCR', ns .. ':seq')
-  if front == '1' then
-    local head = redis.call('ZRANGE', ns .. ':queue', 0, 0, 'WITHSCORES')
-    if head[2] then place = tonumber(head[2]) - 1 else place = 0 end
+  -- Dropped before it got here (its waiter was cancelled while this call was on its way):
+  -- queued, it would hold a slot for no one until its TTL.
+  if not redis.call('ZSCORE', ns .. ':dropped', id) then
+    local place = redis.call('INCR', ns .. ':seq')
+    if front == '1' then
+      local head = redis.call('ZRANGE', ns .. ':queue', 0, 0, 'WITHSCORES')
+      if head[2] then place = tonumber(head[2]) - 1 else place = 0 end
+    end
+    redis.call('ZADD', ns .. ':queue', place, id)
+    redis.call('HSET', ns .. ':ticket', id, pools)
+    redis.call('ZADD', ns .. ':ticket_exp', now + ticket_ttl, id)
   end
-  redis.call('ZADD', ns .. ':queue', place, id)
-  redis.call('HSET', ns .. ':ticket', id, pools)
-  redis.call('ZADD', ns .. ':ticket_exp', now + ticket_ttl, id)
 end
 -- Tickets of dead processes, and leases nobody renewed, are gone.
 local freed = 0
@@ -162,8 +168,10 @@ return {lost, requeued}
 """
 )
 
-DROP = """
--- ARGV: ns, id, pools: a released slot or an abandoned ticket. Returns leases removed.
+DROP = (
+    _NOW
+    + """
+-- ARGV: ns, id, pools, keep_ms: a released slot or an abandoned ticket. Returns leases removed.
 local ns, id = ARGV[1], ARGV[2]
 local removed = 0
 for pool in string.gmatch(ARGV[3], '[^,]+') do
@@ -173,9 +181,17 @@ end
 local queued = redis.call('ZREM', ns .. ':queue', id)
 redis.call('HDEL', ns .. ':ticket', id)
 redis.call('ZREM', ns .. ':ticket_exp', id)
-if removed + queued > 0 then redis.call('PUBLISH', ns .. ':released', id) end
+redis.call('ZREMRANGEBYSCORE', ns .. ':dropped', '-inf', now)
+if removed + queued > 0 then
+  redis.call('PUBLISH', ns .. ':released', id)
+else
+  -- Not there (yet): the GRANT registering it may still be on its way. Ids are never
+  -- reused, so remembering it a while is never wrong.
+  redis.call('ZADD', ns .. ':dropped', now + tonumber(ARGV[4]), id)
+end
 return removed
 """
+)
 
 CLAIM = (
     _NOW

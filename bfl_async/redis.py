@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -166,8 +167,21 @@ class RedisLimiter:
                 f"cannot read the Redis URL {redact_url(url)!r}: percent-encode any of "
                 "/ ? # @ : in its password"
             ) from None
-        if lease_ttl <= 0 or ticket_ttl <= 0:
-            raise ValueError("lease_ttl and ticket_ttl must be positive numbers of seconds")
+        # NaN or infinity would fail only later, in the background loops, with submits waiting.
+        positive = {
+            "lease_ttl": lease_ttl,
+            "ticket_ttl": ticket_ttl,
+            "connect_timeout": connect_timeout,
+        }
+        for name, value in positive.items():
+            if not 0 < value < math.inf:
+                raise ValueError(
+                    f"{name} must be a positive, finite number of seconds, not {value!r}"
+                )
+        if not 0 <= probe_after < math.inf:
+            raise ValueError(
+                f"probe_after must be a finite number of seconds >= 0, not {probe_after!r}"
+            )
         merged = {**DEFAULT_LIMITS, **(limits or {})}
         for name, n in merged.items():
             if n < 1:
@@ -211,7 +225,8 @@ class RedisLimiter:
 
     @property
     def worker_id(self) -> str:
-        """This process's id in Redis: its leases and tickets are named `<worker_id>:<n>`."""
+        """This process's id in Redis: its leases and tickets are named `<worker_id>:<n>`.
+        A new one is taken each time the limiter connects."""
         return self._me.rstrip(":")
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -240,6 +255,9 @@ class RedisLimiter:
             decode_responses=True,
         )
         client = aioredis.Redis(connection_pool=pool)
+        # Taken here, not when made: a limiter made at import and forked into workers
+        # (gunicorn --preload) would give them all one id, and their leases would count once.
+        self._me = f"{uuid.uuid4().hex[:16]}:"
         try:
             await client.ping()
         except (RedisError, OSError) as exc:
@@ -277,6 +295,8 @@ class RedisLimiter:
                 return
             self._fail_waiters(RuntimeError("the limiter was closed"))
             if self._ops is not None and not self._down:
+                while self._undropped:  # no heartbeat will send them again now
+                    self._enqueue("DROP", *self._undropped.popitem())
                 with anyio.move_on_after(self._connect_timeout):
                     await self._ops.join()
             await self._stop()
@@ -377,12 +397,16 @@ class RedisLimiter:
         return sum(1 for waiter in self._waiters.values() if pool in waiter.pools)
 
     async def usage(self, pool: str = "standard") -> tuple[int, int, int]:
-        """The whole account's `(slots taken, effective limit, submits waiting in all pools)`."""
+        """The whole account's `(slots taken, effective limit, submits waiting in all pools)`.
+        Raises `LimiterUnavailableError` when Redis does not answer."""
+        self._pools_for(pool)  # a known pool, or a ValueError naming them
         self._running()
-        assert self._redis is not None
-        taken, limit, waiting = await self._scripts["USAGE"](
-            args=[self.namespace, pool, self._limits[pool]]
-        )
+        try:
+            taken, limit, waiting = await self._scripts["USAGE"](
+                args=[self.namespace, pool, self._limits[pool]]
+            )
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from None
         return int(taken), int(limit), int(waiting)
 
     def _on_release(self, slot: _LeaseSlot) -> None:
@@ -570,6 +594,9 @@ class RedisLimiter:
             try:
                 if op == "PUBLISH":
                     await self._redis.publish(f"{self.namespace}:events", args[0])
+                elif op == "DROP":  # remembered a while if its GRANT is still on its way
+                    keep = self._ms(max(self.lease_ttl, self.ticket_ttl))
+                    await self._scripts[op](args=[self.namespace, *args, keep])
                 else:
                     await self._scripts[op](args=[self.namespace, *args])
             except (RedisError, OSError) as exc:
@@ -609,6 +636,7 @@ class RedisLimiter:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(released, events)
+                self._back()
                 delay = 0.1
                 self._wake.set()  # anything freed while not subscribed
                 while not self._closing:

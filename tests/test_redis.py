@@ -8,7 +8,9 @@ acquirer, so several in one test process meet in Redis exactly as processes woul
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import math
 import re
 import statistics
 import time
@@ -658,3 +660,143 @@ async def test_closing_ends_a_loop_whose_cancellation_was_lost(redis: RedisServe
         await limiter.aclose()
     assert limiter._tasks == []
     assert time.monotonic() - started < 1  # the next turn, not a timeout
+
+
+async def test_a_waiter_cancelled_before_its_ticket_reached_redis_leaves_no_ticket(
+    redis: RedisServer,
+) -> None:
+    """A ticket can reach Redis after the release sent when its waiter was cancelled (the
+    acquirer's call was still waiting for a connection, or reloading its script after a
+    restart). It was queued then, for no one: at the head of the FIFO, every worker kept
+    the next free slot for it until its `ticket_ttl` ran out."""
+    options: dict[str, Any] = dict(limits={"standard": 1}, ticket_ttl=30.0, lease_ttl=30.0)
+    async with limiters(redis, 3, **options) as (a, b, c):
+        held = await a.acquire("standard")
+        grant, sent, go_on, done = b._scripts["GRANT"], anyio.Event(), anyio.Event(), []
+
+        async def delayed_grant(**kwargs: Any) -> Any:
+            sent.set()
+            await go_on.wait()
+            answer = await grant(**kwargs)
+            done.append(answer)
+            return answer
+
+        b._scripts["GRANT"] = delayed_grant
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(b.acquire, "standard")
+            await sent.wait()
+            tg.cancel_scope.cancel()  # the submit gives up while its ticket is on its way
+        assert b._ops is not None
+        await b._ops.join()  # its release reached Redis first
+        go_on.set()
+        await eventually(lambda: done)
+        held.release()
+        with anyio.fail_after(3):  # at once, not after the forgotten ticket's 30 s
+            (await c.acquire("standard")).release()
+        assert (await c.usage())[2] == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("lease_ttl", math.inf),
+        ("lease_ttl", math.nan),
+        ("ticket_ttl", math.nan),
+        ("ticket_ttl", 0.0),
+        ("connect_timeout", math.nan),
+        ("connect_timeout", -1.0),
+        ("probe_after", math.nan),
+        ("probe_after", math.inf),
+    ],
+)
+def test_a_duration_that_is_not_a_finite_number_is_refused_when_made(
+    option: str, value: float
+) -> None:
+    """`lease_ttl=inf` ("never expire") stopped the acquirer at the first submit, which then
+    waited for ever; a NaN did the same, or failed a background loop's every turn."""
+    with pytest.raises(ValueError, match=rf"^{option} must be .*not {value!r}"):
+        RedisLimiter("redis://127.0.0.1:1/0", **{option: value})
+
+
+async def test_a_release_redis_missed_is_sent_again_when_the_worker_stops(
+    redis: RedisServer,
+) -> None:
+    """A worker stopping after a Redis blip (a failover restarts them all) left the releases
+    that Redis missed to the next heartbeat, which never came: their slots stayed taken for
+    the lease's TTL (here 60 s) while the other workers waited."""
+    options: dict[str, Any] = dict(limits={"standard": 2}, lease_ttl=60.0, ticket_ttl=60.0)
+    async with limiters(redis, 1, **options) as (other,):
+        a = RedisLimiter(redis.url, namespace="t", **options)
+        await a.start()
+        drop, failed = a._scripts["DROP"], []
+
+        async def flaky(**kwargs: Any) -> Any:
+            if not failed:
+                failed.append(True)
+                raise RedisConnectionError("a blip")
+            return await drop(**kwargs)
+
+        a._scripts["DROP"] = flaky
+        (await a.acquire("standard")).release()
+        await eventually(lambda: failed)
+        (await a.acquire("standard")).release()  # Redis answers again
+        await a.aclose()  # before a heartbeat (every 20 s here)
+        assert (await other.usage())[0] == 0
+
+
+async def test_a_worker_whose_pub_sub_connection_was_cut_still_sends_its_releases_at_stop(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cut pub/sub connection (a proxy's idle timeout, a failover) marked Redis as gone
+    until the next heartbeat, even once subscribed again: a worker stopping meanwhile did
+    not send its last releases, and their slots stayed taken for the lease's TTL."""
+    a = RedisLimiter(redis.url, namespace="t", lease_ttl=60.0, ticket_ttl=60.0)
+    await a.start()
+    slot = await a.acquire("standard")
+    await eventually(lambda: _subscribed(redis))
+    redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+    await eventually(lambda: "unreachable while listening" in caplog.text)
+    await eventually(lambda: "answers again" in caplog.text)  # subscribed again
+    slot.release()
+    await a.aclose()  # before a heartbeat (every 20 s here)
+    assert redis.command("ZCARD", "t:lease:standard") == b":0\r\n"
+
+
+def _subscribed(redis: RedisServer) -> bool:
+    return redis.command("PUBSUB", "NUMSUB", "t:released").endswith(b":1\r\n")
+
+
+async def test_workers_forked_after_the_limiter_was_made_each_count_their_slots(
+    redis: RedisServer,
+) -> None:
+    """A limiter made at import, then forked into workers (gunicorn --preload, a prefork
+    pool): every worker had the same id, so their leases were one member of the set. With
+    a limit of 2, three workers held a slot each and Redis counted one."""
+    made = RedisLimiter(redis.url, namespace="t", limits={"standard": 2})
+    async with AsyncExitStack() as stack:
+        a, b, c = [
+            await stack.enter_async_context(copy.deepcopy(made))  # what a fork gives each
+            for _ in range(3)
+        ]
+        await a.acquire("standard")
+        await b.acquire("standard")
+        assert (await c.usage())[0] == 2
+        with anyio.move_on_after(0.3) as waited:
+            await c.acquire("standard")
+        assert waited.cancelled_caught
+        assert len({a.worker_id, b.worker_id, c.worker_id}) == 3
+
+
+async def test_usage_says_what_is_wrong_in_the_library_s_own_errors(redis: RedisServer) -> None:
+    """A health check calling `usage()` got redis-py's own exceptions (a KeyError for an
+    unknown pool), which a handler of `BFLError` does not catch."""
+    url = redis.url.replace("redis://", "redis://:hunter2pw@")
+    redis.command("CONFIG", "SET", "requirepass", "hunter2pw")
+    async with RedisLimiter(url, namespace="t", connect_timeout=1.0) as limiter:
+        with pytest.raises(ValueError, match="unknown pool 'kontext'; known: standard"):
+            await limiter.usage("kontext")
+        assert (await limiter.usage())[0] == 0
+        redis.stop()
+        with pytest.raises(LimiterUnavailableError) as caught:
+            await limiter.usage()
+        assert "hunter2pw" not in str(caught.value) and caught.value.url == redact_url(url)
