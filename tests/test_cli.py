@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import pty
@@ -19,19 +20,23 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
+import anyio
 import httpx
 import pytest
 from anyio.from_thread import start_blocking_portal
+from rich.console import Console
 from typer.testing import CliRunner, Result
 
-from bfl_async import MODELS, Task
+from bfl_async import MODELS, AsyncBFL, Task
 from bfl_async.cli import app
 from bfl_async.cli._batch import BatchStats, JobResult, parse_budget
 from bfl_async.cli._connect import Connection
-from bfl_async.cli._display import credits_text, duration, job_line, usd
+from bfl_async.cli._display import credits_text, duration, job_line, print_summary, usd
 from bfl_async.cli._jobs import Job, parse_param
+from bfl_async.cli._one import OneTask
 from bfl_async.testing import FakeBFL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -429,10 +434,50 @@ def test_a_job_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
     assert "total: 3 credits ($0.03)" in result.stdout
 
 
+def test_a_name_taken_while_generating_keeps_the_paid_image_and_exits_1(
+    start_fake: StartFake, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+
+    def outcome(model: str, body: dict[str, Any]) -> str:
+        (out / "fox.jpg").write_bytes(b"old")  # another program takes the name meanwhile
+        return "Ready"
+
+    fake = start_fake(outcome=outcome)
+    result = bfl("generate", "flux-2-pro", "a fox", "--name", "fox", "-o", out,
+                 "--base-url", fake.base_url, "--api-key", KEY)  # fmt: skip
+    assert result.exit_code == 1, result.output  # 2 says that nothing was submitted
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(
+        f"error: {out / 'fox.jpg'} already exists (pass --overwrite to replace it); "
+        "the image was kept as "
+    )
+    assert is_image(Path(first.rsplit(" ", 1)[1])) and (out / "fox.jpg").read_bytes() == b"old"
+    assert "bfl wait" not in result.stderr  # the paid image is saved: nothing to fetch
+    assert fake.submits == 1
+
+
+def test_a_submit_that_may_be_paid_is_told_in_the_commands_words(
+    start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake()
+    fake.fail_next("submit", "drop_after")  # the task is made, and its answer lost
+    result = bfl("generate", "flux-2-pro", "a fox", "-o", tmp_path,
+                 "--base-url", fake.base_url, "--api-key", KEY)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(
+        "error: the submit to 'flux-2-pro' may or may not have created a paid task ("
+    )
+    assert "Check your dashboard" in result.stderr and ".params" not in result.stderr
+    assert result.stderr.count("\n") == 1 and KEY not in result.output
+    assert fake.submits == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_generate_refuses_to_overwrite_a_named_image(tmp_path: Path) -> None:
     (tmp_path / "fox.jpg").write_bytes(b"old")
     result = bfl("generate", "flux-2-pro", "a fox", "--name", "fox", "-o", tmp_path, "--fake")
     assert result.exit_code == 2 and "fox.jpg already exists" in result.stderr
+    assert "(pass --overwrite to replace it)" in result.stderr  # not Python's overwrite=True
     assert (tmp_path / "fox.jpg").read_bytes() == b"old"
 
 
@@ -773,6 +818,23 @@ def test_a_job_line_keeps_its_status_apart_from_the_job(status: Any) -> None:
     assert f"] {status} fox" in line, line  # piped output is parsed: one space at least
 
 
+def test_jobs_a_stopped_batch_left_are_pending_not_failed() -> None:
+    stats = BatchStats(total=3)
+    job = Job(line=1, model="flux-2-pro", params={}, name=None, estimate=3.0)
+    stats.record(JobResult(job, "ok", "t1", Path("a.jpg"), 1, 3.0))
+    stats.record(JobResult(job, "failed", "t2", error="moderated"))
+    stats.record(JobResult(job, "pending", "t3", error="not finished (submitted)"))
+    assert (stats.ok, stats.failed, stats.pending, stats.finished) == (1, 1, 1, 2)
+    assert [r.task_id for r in stats.failures] == ["t2"]
+    console = Console(file=io.StringIO(), width=200)
+    print_summary(console, stats, Path("results.jsonl"))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "3 jobs, 1 ok, 1 failed;" in text and "; 1 pending" in text
+    assert [line for line in text.splitlines() if line.startswith("failed: ")] == [
+        "failed: line 1 (flux-2-pro): moderated"
+    ]
+
+
 def test_budget_accepts_credits_or_dollars() -> None:
     assert parse_budget("500") == 500.0
     assert parse_budget(" $12.50 ") == 1250.0
@@ -803,6 +865,16 @@ def test_batch_with_a_budget_skips_what_would_pass_it_and_resumes(tmp_path: Path
     assert "does not exist yet" in bfl("estimate", jobs, "-o", tmp_path).stdout
     (tmp_path / "manifest.json").write_text("[]")
     assert "not a batch manifest" in bfl("estimate", jobs, "-o", tmp_path).stdout
+
+
+def test_a_journal_that_is_no_journal_is_one_error_line(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bfl-batch.sqlite").write_bytes(b"not sqlite at all " * 256)
+    result = bfl("batch", small_batch(tmp_path), "-o", out, "--fake")
+    assert result.exit_code == 1, result.output
+    assert "error: the batch journal could not be used (file is not a database)" in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 def test_a_bad_budget_is_an_input_error(tmp_path: Path) -> None:
@@ -850,11 +922,18 @@ def test_sigint_stops_submits_waits_for_paid_tasks_and_says_how_to_resume(
     first = process.stderr.readline().decode()  # heard before the next: the two never merge
     if signals == 2:
         process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=20)  # the second signal cuts the 30 s grace
+    stdout, stderr = process.communicate(timeout=20)  # the second signal cuts the 30 s grace
     assert process.returncode == 130, stderr
     text = first + stderr.decode()
     assert "stopping: no new submits" in first
     assert "Run the same command again to resume" in text
+    # Jobs left for the next run are pending, not failed, and not listed one by one.
+    pending = 5 if signals == 1 else 8
+    assert f", {8 - pending} ok, 0 failed;" in stdout.decode()
+    assert f"; {pending} pending" in stdout.decode()
+    assert "failed: " not in stdout.decode() and "] pending" not in stdout.decode()
+    # The journal holds them: no Python advice on how to resume each one.
+    assert "client.wait" not in text
     assert fake.submits == 3  # no submit after the signal
     rows = manifest(out)
     assert len(rows) == 8
@@ -996,6 +1075,54 @@ def test_a_signal_before_any_task_is_paid_stops_at_once(
     assert "stopped: no task was created, nothing was paid" in stderr
     assert "Traceback" not in stderr and "bfl wait" not in stderr
     assert fake.submits == 0 and not list(out.iterdir())
+
+
+def test_a_third_signal_abandons_a_submit_bfl_holds_and_says_it_may_be_paid(
+    start_fake: StartFake, tmp_path: Path
+) -> None:
+    fake = start_fake(slow_seconds=3600.0)
+    fake.generation_time = 3600.0
+    fake.fail_next("submit", "slow")  # BFL makes (and bills) the task, and never answers
+    out = tmp_path / "out"
+    process = generate_process(fake, out)
+    wait_for(lambda: fake.submits == 1, process)
+    said = ""
+    for says in ("waiting for its answer", "press Ctrl-C again to abandon it"):
+        process.send_signal(signal.SIGINT)  # each one heard before the next: none merge
+        said += read_until(process, says)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=20)  # not the 60 s read timeout
+    assert process.returncode == 130, said + stderr
+    assert "may have created (and charged for) its task" in stderr
+    assert "Check your dashboard" in stderr and "bfl wait '" not in stderr
+    assert "nothing was paid" not in said + stderr and "Traceback" not in stderr
+    assert KEY not in said + stderr
+    assert stdout == "" and not list(out.iterdir())
+    assert fake.submits == 1
+
+
+@pytest.mark.parametrize("answered", [False, True], ids=["no-answer", "answered-paid"])
+def test_a_third_signal_leaves_only_while_no_task_is_known(answered: bool) -> None:
+    # Once the submit's answer gave a task, its `bfl wait` line must be printed: never left.
+    said: list[str] = []
+    left: list[str] = []
+    limiter = SimpleNamespace(in_use=lambda pool: 1)  # the submit's slot, then its task's
+    task = Task(id="t1", polling_url="https://api.eu2.bfl.ai/v1/get_result?id=t1", model="m")
+
+    async def signals() -> None:
+        one = OneTask(grace=30.0, say=said.append, leave=lambda: left.append("left"))
+        one.client = cast(AsyncBFL, SimpleNamespace(limiter=limiter))
+        one.scope = anyio.CancelScope()
+        one.heard()
+        one.heard()
+        if answered:
+            one.accepted(task)
+        one.heard()
+        assert one.scope.cancel_called
+
+    anyio.run(signals)
+    assert "waiting for its answer" in said[0] and "abandon it" in said[1]
+    assert len(said) == 2 and left == ([] if answered else ["left"])
 
 
 @pytest.mark.parametrize(

@@ -5,19 +5,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
+import os
 import shlex
+import sqlite3
+import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
 import pydantic
 import typer
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 from rich.text import Text
 
@@ -33,6 +38,7 @@ from bfl_async import (
     ModelSpec,
     OutputExistsError,
     ParameterError,
+    SubmissionUncertainError,
     Task,
     TaskError,
     WaitTimeoutError,
@@ -225,6 +231,12 @@ def _run(main: Callable[[], Awaitable[T]], *, status: str | None = None) -> T:
             return anyio.run(main, backend="asyncio")
     except (CLIError, BFLError, OSError, ImportError) as exc:
         raise _fail(one_line(exc), _exit_code(exc)) from None
+    except sqlite3.Error as exc:  # a batch's journal: a full disk, a file that is no journal
+        raise _fail(
+            f"the batch journal could not be used ({one_line(exc)}); what it recorded is "
+            "kept: fix that and run the same command again to resume",
+            1,
+        ) from None
 
 
 def _load_jobs(path: Path, output_dir: Path | None = None, overwrite: bool = False) -> list[Job]:
@@ -285,8 +297,9 @@ def generate(
 
     Ctrl-C (or SIGTERM) before anything is sent stops at once: nothing is paid. Once the
     task is paid, it waits up to --grace seconds for the image; a second Ctrl-C stops
-    waiting and prints the `bfl wait` command that fetches the image later. Exits 130 if
-    interrupted.
+    waiting and prints the `bfl wait` command that fetches the image later. A submit on its
+    way is waited for, as its answer says whether the task is paid; a third Ctrl-C abandons
+    it (check your dashboard: it may be paid). Exits 130 if interrupted.
     """
     params = _params(prompt, width, height, seed, param or [])
     try:
@@ -486,17 +499,16 @@ def _run_one(
     """Run a command that watches one task; if its image is not saved, say what became of
     the task and exit (130 if interrupted)."""
     error: Exception | None = None
+    given = one.task
     try:
-        with handles_told(one), _stdout().status(status):
+        with handles_told(one), _stdout().status(status) as spinner:
+            one.leave = functools.partial(_abandon, spinner, fetch)
             one.saved = anyio.run(main, backend="asyncio")
     except KeyboardInterrupt:  # heard while Python started or closed the loop: stop all the same
         one.signals += 1
     except (CLIError, BFLError, OSError, ImportError) as exc:
         error = exc
-        if isinstance(exc, WaitTimeoutError):  # its own message speaks Python: wait(e.task)
-            _print_error(f"task {exc.task.id} was not finished in time; it keeps running")
-        else:
-            _print_error(one_line(exc))
+        _print_error(_error_line(exc))
     except BaseException:  # a bug: its traceback follows what became of the paid task
         if one.task is not None and one.saved is None:
             fetch.tell(one.task)
@@ -507,13 +519,52 @@ def _run_one(
         fetch.tell(one.task)
     elif error is None:
         _say("stopped: no task was created, nothing was paid")
-    raise typer.Exit(130 if one.signals or error is None else _exit_code(error))
+    if one.signals or error is None:
+        raise typer.Exit(130)
+    # Exit 2 says nothing was submitted: not so once this command's submit was paid.
+    raise typer.Exit(1 if one.task is not None and given is None else _exit_code(error))
+
+
+def _error_line(error: Exception) -> str:
+    """The `error:` line of `error`, in the command's words where the library's speak Python."""
+    if isinstance(error, WaitTimeoutError):  # wait(e.task)
+        return f"task {error.task.id} was not finished in time; it keeps running"
+    if isinstance(error, OutputExistsError):  # overwrite=True
+        kept = "" if error.kept is None else f"; the image was kept as {error.kept}"
+        return f"{error.path} already exists (pass --overwrite to replace it){kept}"
+    if isinstance(error, SubmissionUncertainError):  # .model and .params
+        return (
+            f"the submit to {error.model!r} may or may not have created a paid task "
+            f"({error.reason}); it was not retried, to avoid paying twice. Check your "
+            "dashboard (https://dashboard.bfl.ai) before generating it again"
+        )
+    return one_line(error)
+
+
+def _abandon(spinner: Status, fetch: _Fetch) -> NoReturn:
+    """Leave at once, abandoning a submit that still waits for its answer (a third signal):
+    the library waits for that answer however long it takes, as it may be a paid task, so
+    only leaving the process stops waiting for it."""
+    spinner.stop()  # the terminal's cursor back: nothing else is cleaned up
+    if fetch.fake:
+        _say("abandoned the submit on its way to the fake API: nothing was paid")
+    else:
+        _say(
+            "abandoned the submit on its way: BFL may have created (and charged for) its "
+            "task, but its id never reached this command, so `bfl wait` cannot fetch its "
+            "image. Check your dashboard (https://dashboard.bfl.ai) before generating it again"
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _fetchable(error: Exception | None) -> bool:
     """Whether the image of a paid task may still be fetched after `error`."""
     if isinstance(error, DownloadError | WaitTimeoutError):
         return True  # the image is at its URL, or the task is still running
+    if isinstance(error, OutputExistsError):
+        return error.kept is None  # kept: the image is saved, under another name
     # Moderated, failed, unknown or expired: no image; a CLIError: the command could not start.
     return not isinstance(error, TaskError | CLIError)
 
@@ -651,7 +702,7 @@ def batch(
             "to resume: nothing is paid twice",
             130,
         )
-    raise typer.Exit(1 if stats.failed else 0)
+    raise typer.Exit(1 if stats.failed or stats.pending else 0)
 
 
 @app.command()

@@ -121,7 +121,9 @@ class BatchStats:
     """Tasks BFL has accepted so far."""
     ok: int = 0
     failed: int = 0
-    """Jobs that ended without an image (failed, uncertain, skipped, expired, pending)."""
+    """Jobs that ended without an image (failed, uncertain, skipped, expired)."""
+    pending: int = 0
+    """Jobs a stopped batch left unfinished: the next run takes them up, none has failed."""
     failed_unsent: int = 0
     """Failed jobs that never became a task (refused by the API, or not sent at all)."""
     credits: float = 0.0
@@ -141,7 +143,7 @@ class BatchStats:
 
     @property
     def finished(self) -> int:
-        """Jobs that ended, well or not."""
+        """Jobs that ended, well or not (not the pending ones of a stopped batch)."""
         return self.ok + self.failed
 
     @property
@@ -169,8 +171,9 @@ class BatchStats:
 
     @property
     def failures(self) -> list[JobResult]:
-        """The failed jobs, in the order of the job file."""
-        return sorted((r for r in self.results if not r.ok), key=lambda r: r.job.line)
+        """The jobs that ended without an image, in the order of the job file."""
+        ended = (r for r in self.results if not r.ok and r.status != "pending")
+        return sorted(ended, key=lambda r: r.job.line)
 
     def on_submitted(self, task: Task) -> None:
         """Count a task BFL accepted (the client's `on_submitted` callback)."""
@@ -184,6 +187,8 @@ class BatchStats:
             self.ok += 1
             self.earlier += result.previous
             self.credits += result.cost or 0.0
+        elif result.status == "pending":
+            self.pending += 1
         else:
             self.failed += 1
             if result.task_id is None:
@@ -246,7 +251,8 @@ async def run_batch(
                     stats.spent = batch.spent
                     await manifest.write(result.manifest_line() + "\n")
                     await manifest.flush()
-                    display.job_finished(result)
+                    if result.status != "pending":  # the summary counts those
+                        display.job_finished(result)
             stats.spent = batch.spent
             tg.cancel_scope.cancel()
     return batch

@@ -33,7 +33,8 @@ class OneTask:
 
     A first signal stops a command that has sent nothing (a submit on its way still gets
     its answer: the library waits for it), and gives a paid task `grace` seconds to end and
-    its image to be saved; a second signal stops waiting.
+    its image to be saved; a second signal stops waiting; a third, while a submit still
+    waits for its answer, calls `leave`.
     """
 
     grace: float
@@ -47,6 +48,9 @@ class OneTask:
     deadline: float = math.inf
     """When a first signal stops the wait for the image (its grace after the task is paid)."""
     client: AsyncBFL | None = None
+    leave: Callable[[], None] | None = None
+    """Ends the process at once, abandoning a submit that still waits for its answer (the
+    library waits for that answer, shielded, however long it takes: it may be a paid task)."""
     scope: anyio.CancelScope = field(init=False, repr=False)
     """What the next signal cancels (or gives a deadline); made on the event loop."""
 
@@ -65,11 +69,26 @@ class OneTask:
             self._wait_for_image()
             return
         self.scope.cancel()
-        if self.signals == 1 and self.client is not None and self.client.limiter.in_use(self.pool):
+        if not self._posting():
+            return
+        if self.signals == 1:
             self.say(
                 "stopping: a submit may be on its way; waiting for its answer, which says "
                 "whether the task is paid"
             )
+        elif self.signals == 2:
+            self.say(
+                "stopping now; still waiting for the submit's answer, which says whether the "
+                "task is paid (press Ctrl-C again to abandon it: BFL may then charge for a "
+                "task whose image this command cannot fetch)"
+            )
+        elif self.leave is not None:
+            self.leave()
+
+    def _posting(self) -> bool:
+        """Whether a submit is on its way: a slot is held, and no task is known yet."""
+        client = self.client
+        return self.task is None and client is not None and client.limiter.in_use(self.pool) > 0
 
     def _wait_for_image(self) -> None:
         assert self.task is not None
