@@ -241,8 +241,8 @@ def _check_webhook(url: str | None, secret: str | None) -> str | None:
 def _make_limiter(
     limiter: InFlightLimiter | str | None, limits: Mapping[str, int] | None, separate: bool
 ) -> InFlightLimiter:
-    """The limiter given, else one at `limiter` or `BFL_LIMITER_URL` (redis://), else the
-    in-process one."""
+    """The limiter given, else one at `limiter` or `BFL_LIMITER_URL` (redis://, in the
+    namespace `BFL_LIMITER_NAMESPACE` or "bfl"), else the in-process one."""
     url = (os.environ.get("BFL_LIMITER_URL") or None) if limiter is None else limiter
     if url is None:
         return Limiter(limits, separate_pools=separate)
@@ -255,7 +255,9 @@ def _make_limiter(
         return url
     from .redis import RedisLimiter  # the optional extra, imported only when asked for
 
-    return RedisLimiter(url, limits=limits, separate_pools=separate)
+    # One namespace per account: two keys sharing a Redis would otherwise share their limits.
+    namespace = os.environ.get("BFL_LIMITER_NAMESPACE") or "bfl"
+    return RedisLimiter(url, namespace=namespace, limits=limits, separate_pools=separate)
 
 
 def _of_the_task(error: Exception | None) -> bool:

@@ -182,6 +182,10 @@ class RedisLimiter:
             raise ValueError(
                 f"probe_after must be a finite number of seconds >= 0, not {probe_after!r}"
             )
+        if not namespace or namespace != namespace.strip():
+            raise ValueError(
+                f"namespace must be a non-empty name without spaces around it, not {namespace!r}"
+            )
         merged = {**DEFAULT_LIMITS, **(limits or {})}
         for name, n in merged.items():
             if n < 1:

@@ -541,6 +541,15 @@ def test_credits_with_the_key_from_the_environment(start_fake: StartFake) -> Non
     assert fake.keys_seen["api"] == [KEY]
 
 
+def test_credits_need_no_shared_limiter(start_fake: StartFake) -> None:
+    # Reading the balance holds no slot: a Redis that is down must not stop it.
+    fake = start_fake(credits=7.0)
+    env = {"BFL_API_KEY": KEY, "BFL_BASE_URL": fake.base_url}
+    result = bfl("credits", env={**env, "BFL_LIMITER_URL": "redis://127.0.0.1:1/0"})
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "balance: 7 credits ($0.07)\n"
+
+
 def test_credits_on_the_fake() -> None:
     result = bfl("credits", "--fake")
     assert result.exit_code == 0, result.output

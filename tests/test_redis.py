@@ -416,6 +416,18 @@ async def test_bfl_limiter_url_selects_the_redis_limiter(
         assert isinstance(c.limiter, RedisLimiter)
         await c.wait(await c.submit("flux-2-klein-4b", prompt="a fox"))
         assert isinstance(c._poll_budget, RedisPollBudget)
+        assert c.limiter.namespace == "bfl"
+
+
+def test_bfl_limiter_namespace_keeps_two_accounts_on_one_redis_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BFL_LIMITER_URL", "redis://127.0.0.1:1/0")  # made, never connected
+    monkeypatch.setenv("BFL_LIMITER_NAMESPACE", "account-b")
+    limiter = AsyncBFL(api_key=KEY).limiter
+    assert isinstance(limiter, RedisLimiter) and limiter.namespace == "account-b"
+    with pytest.raises(ValueError, match="namespace"):
+        RedisLimiter("redis://127.0.0.1:1/0", namespace=" ")
 
 
 async def test_redis_lost_mid_run_stops_submits_and_keeps_paid_tasks(

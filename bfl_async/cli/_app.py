@@ -798,7 +798,9 @@ def credits(
     api_key: ApiKey = None,
 ) -> None:
     """Show the account's balance."""
-    connection = _connection(api_key, base_url, region, None, fake)
+    connection = dataclasses.replace(
+        _connection(api_key, base_url, region, None, fake), holds_slots=False
+    )
     _check(connection)
 
     async def balance(client: AsyncBFL) -> float:

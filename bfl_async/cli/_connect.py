@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from bfl_async import AsyncBFL, OnSubmitted
+from bfl_async import AsyncBFL, Limiter, OnSubmitted
 from bfl_async.testing import fake_client
 
 __all__ = [
@@ -50,6 +50,9 @@ class Connection:
     """Seconds the client waits for tasks in flight when it closes."""
     limiter: str | None = field(default=None, repr=False)
     """A Redis URL sharing the in-flight limits with other processes (it may hold a password)."""
+    holds_slots: bool = True
+    """False for a command that submits nothing (`credits`): it needs no shared limiter, and
+    a Redis that is down (`BFL_LIMITER_URL`) must not stop it."""
 
     def check(self) -> None:
         """Refuse to go on without a key, rather than ever faking a paid run silently."""
@@ -81,7 +84,7 @@ async def open_client(
                 region=connection.region,
                 base_url=connection.base_url,
                 limits=connection.limits,
-                limiter=connection.limiter,
+                limiter=connection.limiter if connection.holds_slots else Limiter(),
                 on_submitted=on_submitted,
                 close_grace=connection.close_grace,
             )
