@@ -68,6 +68,7 @@ class EarlyEvents:
         self.size = size
         self._clock = clock
         self._events: OrderedDict[str, tuple[float, WebhookEvent, bool]] = OrderedDict()
+        self._added: anyio.Event | None = None  # made by `run`, on the event loop
 
     def __len__(self) -> int:
         return len(self._events)
@@ -84,6 +85,8 @@ class EarlyEvents:
         self._events[event.task_id] = (self._clock() + self.ttl, event, relayed)
         while len(self._events) > self.size:
             self._drop("was evicted unclaimed (too many kept)")
+        if self._added is not None:
+            self._added.set()
         return True
 
     def pop(self, task_id: str) -> WebhookEvent | None:
@@ -91,6 +94,23 @@ class EarlyEvents:
         self._expire()
         kept = self._events.pop(task_id, None)
         return kept[1] if kept is not None else None
+
+    async def run(self) -> None:
+        """Drop (and log) each event as it expires, until cancelled.
+
+        Without it an event goes only when the next one comes or a watch starts, which on a
+        quiet server can be hours: its result URL, the only trace of a paid task, would be
+        logged long dead. `clock` must then be `anyio.current_time` (the default).
+        """
+        try:
+            while True:
+                self._added = added = anyio.Event()
+                self._expire()
+                first = next(iter(self._events.values()), None)
+                with anyio.move_on_after(math.inf if first is None else first[0] - self._clock()):
+                    await added.wait()
+        finally:
+            self._added = None
 
     def close(self) -> None:
         """Drop every kept event, each logged as unclaimed: the client closes."""

@@ -68,7 +68,13 @@ def get_client(request: Request) -> AsyncBFL:
     return client
 
 
-BFLClient = Annotated[AsyncBFL, Depends(get_client)]
+async def _client(request: Request) -> AsyncBFL:
+    # `async`, so FastAPI calls it on the event loop: a sync dependency takes a thread of the
+    # pool that sync routes and file serving share, and queues behind them when it is busy.
+    return get_client(request)
+
+
+BFLClient = Annotated[AsyncBFL, Depends(_client)]
 """A route parameter annotated `BFLClient` receives the app's shared `AsyncBFL`."""
 
 

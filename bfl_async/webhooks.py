@@ -103,22 +103,29 @@ def verify_webhook(body: bytes, headers: Mapping[str, str], secret: str) -> Webh
     ```
     """
     _check_secret(secret)
-    lowered = {name.lower(): value for name, value in headers.items()}
-    signature = lowered.get(SIGNATURE_HEADER.lower())
-    echoed = lowered.get(SECRET_HEADER.lower())
-    if signature is None and echoed is None:
+    # A header sent twice is two items (Starlette) or one value joined with commas (httpx):
+    # every signature counts, whatever the order, and one valid is enough.
+    signatures: list[str] = []
+    echoed: list[str] = []
+    for name, value in headers.items():
+        if name.lower() == SIGNATURE_HEADER.lower():
+            signatures += value.split(",")
+        elif name.lower() == SECRET_HEADER.lower():
+            echoed.append(value)  # not split: a secret may hold a comma
+    if not signatures and not echoed:
         raise WebhookVerificationError(
             f"the delivery has neither an {SIGNATURE_HEADER} nor an {SECRET_HEADER} header; "
             "it does not come from BFL"
         )
     valid = False
-    if signature is not None:
+    expected = _digest(body, secret).encode()
+    for signature in signatures:
         given = signature.strip()
         if given[:7].lower() == "sha256=":
             given = given[7:]
-        valid = hmac.compare_digest(given.lower().encode(), _digest(body, secret).encode())
-    if echoed is not None:
-        valid = hmac.compare_digest(echoed.encode(), secret.encode()) or valid
+        valid = hmac.compare_digest(given.lower().encode(), expected) or valid
+    for value in echoed:
+        valid = hmac.compare_digest(value.encode(), secret.encode()) or valid
     if not valid:
         raise WebhookVerificationError(
             "the delivery's signature does not match the webhook secret: it is forged, "

@@ -8,6 +8,7 @@ import json
 import socket
 import statistics
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -270,6 +271,61 @@ async def test_the_example_polling_without_webhooks_has_no_webhook_route(tmp_pat
             image = await http.post("/images", json={"prompt": "a fox"})
         assert image.status_code == 200 and image.json()["status"] == "ready"
     assert fake.submits == 1 and fake.polls >= 1 and fake.webhooks.attempts == 0
+
+
+async def test_the_webhook_route_answers_while_the_thread_pool_is_busy() -> None:
+    # Sync routes, StaticFiles and sync dependencies share one small thread pool: a webhook
+    # (or any route taking the client) must not queue behind them for a thread.
+    release, entered = threading.Event(), threading.Event()
+
+    def make(base_url: str) -> FastAPI:
+        app = FastAPI(
+            lifespan=bfl_lifespan(
+                api_key="bfl-key-never-used",
+                webhook_url=f"{base_url}/bfl/webhook",
+                webhook_secret=SECRET,
+            )
+        )
+        app.include_router(webhook_router())
+
+        @app.get("/block")
+        def block() -> None:  # holds the pool's only thread
+            entered.set()
+            release.wait(10)
+
+        @app.get("/client")
+        async def has_client(client: BFLClient) -> dict[str, str | None]:
+            return {"webhook_url": client.webhook_url}
+
+        return app
+
+    body = b'{"task_id": "not-mine", "status": "Pending"}'
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens = limiter.total_tokens
+    limiter.total_tokens = 1
+    try:
+        async with (
+            serve(make) as url,
+            httpx.AsyncClient(base_url=url, timeout=10) as http,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(http.get, "/block")
+            try:
+                with anyio.fail_after(5):
+                    while not entered.is_set():
+                        await anyio.sleep(0.01)
+                with anyio.fail_after(2):
+                    hook = await http.post(
+                        "/bfl/webhook", content=body, headers=sign_webhook(body, SECRET)
+                    )
+                    route = await http.get("/client")
+            finally:
+                release.set()
+        assert hook.status_code == 204
+        assert route.json() == {"webhook_url": f"{url}/bfl/webhook"}
+    finally:
+        release.set()
+        limiter.total_tokens = tokens
 
 
 def test_get_client_explains_a_missing_lifespan() -> None:

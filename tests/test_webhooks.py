@@ -124,6 +124,24 @@ def test_one_valid_scheme_is_enough() -> None:
     assert verify_webhook(body, headers, SECRET).task_id == "task-1"
 
 
+@pytest.mark.parametrize("valid_first", [True, False])
+def test_a_signature_header_sent_twice_counts_every_value(valid_first: bool) -> None:
+    # A stale or extra signature beside the right one: frameworks keep both (Starlette) or
+    # join them with a comma (httpx); neither the order nor the form may refuse it.
+    starlette = pytest.importorskip("starlette.datastructures")
+    body = payload()
+    valid = sign_webhook(body, SECRET)["X-BFL-Signature"]
+    stale = sign_webhook(body, "the-previous-secret")["X-BFL-Signature"]
+    values = [valid, stale] if valid_first else [stale, valid]
+    raw = [(b"x-bfl-signature", value.encode()) for value in values]
+    assert verify_webhook(body, starlette.Headers(raw=raw), SECRET).task_id == "task-1"
+    joined = httpx.Headers([("X-BFL-Signature", value) for value in values])
+    assert verify_webhook(body, joined, SECRET).task_id == "task-1"
+    forged = [(b"x-bfl-signature", stale.encode())] * 2
+    with pytest.raises(WebhookVerificationError, match="does not match"):
+        verify_webhook(body, starlette.Headers(raw=forged), SECRET)
+
+
 def test_forged_and_malformed_is_a_verification_error() -> None:
     with pytest.raises(WebhookVerificationError):
         verify_webhook(b"not json", {"X-Webhook-Secret": "nope"}, SECRET)
@@ -339,6 +357,33 @@ def test_a_relayed_early_event_unclaimed_here_is_logged_at_info(
     assert record.levelno == logging.INFO  # another process most likely claimed it
     assert "theirs" in record.getMessage() and url_of(theirs) in record.getMessage()
     assert "relayed" in record.getMessage()
+
+
+@BOTH
+@pytest.mark.anyio
+async def test_run_logs_an_unclaimed_event_when_it_expires_not_when_the_next_comes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # On a quiet server no later event or watch may come for hours: the only trace of a
+    # paid task, its result URL, must be logged while it still serves the image.
+    caplog.set_level(logging.DEBUG, logger="bfl_async")
+    early = EarlyEvents(ttl=0.05)
+    early.add(event("before-run"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(early.run)
+        with anyio.fail_after(5):
+            while len(early):
+                await anyio.sleep(0.01)
+            await anyio.wait_all_tasks_blocked()  # `run` waits for the next event
+            paid = event("paid-7")
+            early.add(paid)
+            while len(early):
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    first, second = caplog.records
+    assert first.levelno == second.levelno == logging.WARNING
+    assert "before-run" in first.getMessage() and "expired" in first.getMessage()
+    assert "paid-7" in second.getMessage() and url_of(paid) in second.getMessage()
 
 
 # -- the client, against respx -------------------------------------------------------------
