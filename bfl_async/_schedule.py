@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from collections import deque
 from collections.abc import Callable
 
@@ -170,6 +171,7 @@ class _Model:
         # where the plan would (kept up to date by `missed`: urgency asks it at every turn).
         self.progress_trusted = False
         self.batched: set[str] = set()  # of those, the ones accepted in a batch
+        self.full: dict[str, float] = {}  # when each was first found pending at progress 1.0
         self.policy: _Policy | None = None
         self.planned_at = -1
 
@@ -308,8 +310,23 @@ class LearnedSchedule:
         prior_weight: float = 2.0,
         prior_sigma: float = 0.6,
     ) -> None:
-        if polls_per_task < 1:
-            raise ValueError("polls_per_task must be at least 1")
+        # Checked here, not at the first poll, where the error would fail a paid task's watch.
+        if not 1 <= polls_per_task < math.inf:
+            raise ValueError(
+                f"polls_per_task must be a finite number at least 1, not {polls_per_task!r}"
+            )
+        try:
+            whole = operator.index(window)  # what the window's deque takes
+        except TypeError:
+            whole = 0
+        if whole < 1:
+            raise ValueError(f"window must be a whole number of tasks, at least 1, not {window!r}")
+        if not 0 <= prior_weight < math.inf:
+            raise ValueError(
+                f"prior_weight must be a finite number at least 0, not {prior_weight!r}"
+            )
+        if not 0 < prior_sigma < math.inf:
+            raise ValueError(f"prior_sigma must be a finite number above 0, not {prior_sigma!r}")
         self.polls_per_task = polls_per_task
         self._window = window
         self._prior_weight = prior_weight
@@ -381,10 +398,16 @@ class LearnedSchedule:
             model.silent = 0 if progress else model.silent + 1
         if progress is not None and progress > 0.0:
             end = elapsed / progress
-            foretold = model.foretold.setdefault(task.id, end)
-            # Pending at 1.0: ending now (progress is rounded) or its image being stored:
-            # soon, then backing off for as long as it stays so.
-            left = end - elapsed if progress < 1.0 else elapsed - foretold
+            if 0.0 < end < math.inf:  # read at acceptance, or next to nothing: no end foretold
+                model.foretold.setdefault(task.id, end)
+            foretold = model.foretold.get(task.id, end)
+            if progress < 1.0:
+                left = end - elapsed
+            else:
+                # Pending at 1.0: ending now (progress is rounded) or its image being stored:
+                # soon, then backing off for as long as it stays so (past its foretold end,
+                # or past when it got to 1.0 if that came first).
+                left = elapsed - min(foretold, model.full.setdefault(task.id, elapsed))
             delay = left if model.progress_trusted else min(delay, left)
         elif attempt == 0 and model.look_early:
             # The first poll early, where almost no task has ended: its progress says when
@@ -414,8 +437,10 @@ class LearnedSchedule:
         model.pending.pop(task.id, None)
         model.batched.discard(task.id)
         model.watching.discard(task.id)
+        model.full.pop(task.id, None)
         foretold = model.foretold.pop(task.id, None)
-        if upper is not None:
+        # Nothing is learned from an end at no finite time: one would wreck the fit.
+        if upper is not None and math.isfinite(lower) and math.isfinite(upper):
             if foretold is not None:
                 model.missed(max(0.0, lower - foretold, foretold - upper) / foretold)
             model.seen.append((max(0.0, lower), max(lower, upper)))

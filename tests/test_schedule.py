@@ -670,3 +670,69 @@ def test_a_task_alone_or_in_a_pair_keeps_its_plan() -> None:
     schedule.done(pair[0], 2.0, None)
     at, gap = plan_gap(schedule, "flux-2-pro", 3)
     assert schedule.next_delay(pair[1], 2, at, None) == pytest.approx(gap)
+
+
+# --- odd inputs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "progress"),
+    [(0.0, 0.5), (1.0, 1e-320)],
+    ids=["read-at-acceptance", "next-to-nothing"],
+)
+def test_progress_that_foretells_no_end_is_not_judged(elapsed: float, progress: float) -> None:
+    """Progress read with no time elapsed (a resumed task's first poll, on a coarse clock)
+    foretells an end at 0, and a subnormal one an end past any float: `done`, which runs as
+    the watch ends, must not raise (it would take the paid result's place) nor learn NaN."""
+    schedule, model = LearnedSchedule(), "flux-pro-1.1"
+    t = task(1, model)
+    schedule.next_delay(t, 0, 0.0, None)
+    assert 0.05 <= schedule.next_delay(t, 1, elapsed, progress) <= 10.0
+    schedule.done(t, 2.0, 2.5)
+    assert list(schedule._models[model].misses) == []
+
+
+def test_pending_at_full_progress_before_its_foretold_end_still_backs_off() -> None:
+    """Progress that foretold a late end, then reached 1.0 early: polled again soon, then
+    less often, as when it foretold right, not every 0.05 s until that end."""
+    schedule = LearnedSchedule()
+    t = task(1, "flux-pro-1.1")
+    schedule.next_delay(t, 0, 0.0, None)
+    schedule.next_delay(t, 1, 0.5, 0.05)  # foretells its end at 10 s
+    expected = []
+    for attempt, elapsed in enumerate((4.0, 4.05, 4.1, 4.2, 4.4, 4.8), start=2):
+        plan = schedule.next_delay(t, attempt, elapsed, None)
+        expected.append(max(0.05, min(plan, elapsed - 4.0)))
+        assert schedule.next_delay(t, attempt, elapsed, 1.0) == pytest.approx(expected[-1])
+    assert max(expected) > 0.15
+
+
+def test_an_end_that_is_not_finite_teaches_nothing() -> None:
+    """One watch said to end at no finite time (a wrapping schedule's mistake) would pull the
+    fit to a spread of 3 and polls 10 s apart for the next `window` tasks."""
+    schedule = LearnedSchedule()
+    teach(schedule, "flux-2-pro", median=2.0, sigma=0.3, n=64)
+    t = task(-1)
+    schedule.next_delay(t, 0, 0.0, None)
+    schedule.done(t, math.inf, math.inf)
+    teach(schedule, "flux-2-pro", median=2.0, sigma=0.3, n=64)
+    assert 1.0 < first_polls(schedule, "flux-2-pro")[0] < 2.0
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("polls_per_task", math.nan),
+        ("polls_per_task", math.inf),
+        ("window", 0),
+        ("window", 256.0),
+        ("prior_weight", -1.0),
+        ("prior_weight", math.nan),
+        ("prior_sigma", 0.0),
+        ("prior_sigma", math.inf),
+    ],
+)
+def test_bad_options_are_refused_when_made(option: str, value: float) -> None:
+    """Not at the first poll, where the error would fail a paid task's watch."""
+    with pytest.raises(ValueError, match=option):
+        LearnedSchedule(**{option: value})  # type: ignore[arg-type]
