@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import ipaddress
 import json
@@ -18,7 +19,6 @@ import math
 import os
 import re
 import time
-import unicodedata
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,8 +41,6 @@ from ._errors import (
     GenerationError,
     ModerationError,
     OutputExistsError,
-    ParameterError,
-    Problem,
     ResultExpiredError,
     SubmissionUncertainError,
     TaskNotFoundError,
@@ -60,6 +58,7 @@ logger = logging.getLogger("bfl_async")
 
 MANIFEST_NAME = "manifest.json"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_PART = re.compile(r"\.[0-9a-f]{8}\.part")  # what `Downloader.to_directory` adds to a name
 # Task errors that end a job for good: the task is paid and nothing more will come of it.
 _FINAL_TASK_ERRORS = (ModerationError, GenerationError, TaskNotFoundError)
 
@@ -352,8 +351,7 @@ class Batch:
         assert self._journal is not None
         known = await self._journal.load()
         jobs: list[_Job] = []
-        names: set[str] = set()
-        files: dict[str, str] = {}
+        names: dict[str, str] = {}
         seen: dict[str, int] = {}
         for index, request in enumerate(self._requests):
             params = dict(request)
@@ -361,8 +359,6 @@ class Batch:
             name = params.pop("name", None)
             try:
                 spec, body = build_job(model, name, params, names)
-                if name is not None:
-                    _check_one_file(spec.name, name, files)
             except BFLError as exc:
                 record = JobRecord(
                     index, "", name if isinstance(name, str) else None, str(model), "failed",
@@ -781,6 +777,7 @@ class Batch:
             # a URL that does not parse), so the next run tries the download again.
             await self._end(job, send, "ready", error=_describe(exc), exception=exc)
         else:
+            self._drop_parts(job, result.task)
             await self._end(job, send, "downloaded", path=path, error=None)
 
     async def _end_unfetched(
@@ -792,6 +789,8 @@ class Batch:
         saved = self._saved_image(job) if job.was_ready else None
         if saved is not None:
             logger.info("job %s: its image was saved by an earlier run: %s", job.key, saved)
+            assert job.record.task is not None
+            self._drop_parts(job, job.record.task)
             await self._end(job, send, "downloaded", path=saved, error=None)
         else:
             await self._end(job, send, state, error=_describe(exc), exception=exc)
@@ -809,6 +808,18 @@ class Batch:
                 if path.is_file() and path.stat().st_mtime >= since:
                     return path
         return None
+
+    def _drop_parts(self, job: _Job, task: Task) -> None:
+        """Once a job found `ready` has its image, delete the part files an earlier run's
+        download of it left when it was killed (`<name>.<8 hex digits>.part`, up to an
+        image's size each): nothing else would ever remove them."""
+        if not job.was_ready:
+            return
+        name = self._file_name(job, task)
+        for path in self.output_dir.glob(f"{glob.escape(name)}.*.part"):
+            if _PART.fullmatch(path.name[len(name) :]):
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     @staticmethod
     def _file_name(job: _Job, task: Task) -> str:
@@ -854,25 +865,6 @@ def _is_local(base_url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _check_one_file(model: str, name: str, files: dict[str, str]) -> None:
-    """Refuse a job name that a case-insensitive file system (Windows, macOS) or one blind
-    to how accents are encoded (macOS) takes for another job's file: both jobs would be paid
-    for, and one image overwrite the other or never be saved."""
-    folded = unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
-    other = files.setdefault(folded, name)
-    if other != name:
-        raise ParameterError(
-            model,
-            [
-                Problem(
-                    "name",
-                    f"{name!r} and {other!r} name the same file on Windows and macOS",
-                    "names that differ in more than letter case",
-                )
-            ],
-        )
 
 
 def _still_valid(sample: str) -> bool:

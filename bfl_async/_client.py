@@ -87,6 +87,7 @@ class _Unset(enum.Enum):
 
 _UNSET = _Unset.UNSET
 _KEEP_FINISHED = 900.0  # seconds a finished watch is kept for late `wait` calls
+_OUTPUT_DIRS_KEPT = 256  # output directories known to take files, checked again past that
 _RAW_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
@@ -193,6 +194,9 @@ class _Watch:
     closes on it leaves nobody a handle to log."""
     result: Result | None = None
     error: Exception | None = None
+    trace: TracebackType | None = None
+    """Where `error` was raised: each caller's raise starts from it again (raising the same
+    exception appends the raiser's frames, which it then keeps alive with their locals)."""
     finished_at: float | None = None
     event: WebhookEvent | None = None
     """The terminal webhook event that ended the watch, if one did."""
@@ -202,7 +206,7 @@ class _Watch:
         if self.result is not None:
             return self.result
         if self.error is not None:
-            raise self.error
+            raise self.error.with_traceback(self.trace)
         raise WaitTimeoutError(
             f"the client closed before task {self.task.id} finished; it may still finish "
             "on BFL's side: call wait(e.task) on an open client",
@@ -277,6 +281,31 @@ def _log_left(task: Task, why: str) -> None:
     )
 
 
+def _check_seconds(
+    value: object, field: str, allowed: str, *, positive: bool = False, negative: bool = False
+) -> None:
+    """Raise a `TypeError` or `ValueError` naming `field` unless `value` is None or a number
+    of seconds it allows (`positive`: > 0; `negative`: any; else >= 0; never NaN)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{field} must be {allowed}, not {value!r}")
+    if math.isnan(value) or (positive and value <= 0) or (not negative and value < 0):
+        raise ValueError(f"{field} must be {allowed}, not {value!r}")
+
+
+def _cut_short(task: Task | None) -> Exception:
+    """The error of a `generate_many` job the client's close stopped: its paid task to wait
+    for again, or that nothing was paid."""
+    if task is None:
+        return RuntimeError("the client closed before this job was submitted; nothing was paid")
+    return WaitTimeoutError(
+        f"the client closed before the image of task {task.id} was saved; call "
+        "wait(e.task) on an open client to get it",
+        task=task,
+    )
+
+
 def _pool_of(model: str) -> str:
     spec = CATALOG.get(model)
     return spec.pool if spec is not None else "standard"
@@ -323,6 +352,10 @@ class AsyncBFL:
         webhook_url: str | None = None,
         webhook_secret: str | None = None,
     ) -> None:
+        # Checked here, not when used: a bad wait would raise only once a task is paid, and a
+        # bad grace would stop the close half-way, leaving `async with` waiting for ever.
+        _check_seconds(wait_timeout, "wait_timeout", "seconds > 0, or None", positive=True)
+        _check_seconds(close_grace, "close_grace", "seconds >= 0 (math.inf: no limit)")
         key = api_key if api_key is not None else os.environ.get("BFL_API_KEY")
         key = key.strip() if key else key  # a key read from a file ends with a newline
         if not key:
@@ -379,6 +412,7 @@ class AsyncBFL:
         self._tg: anyio.abc.TaskGroup | None = None  # around the `async with` body
         self._background: anyio.abc.TaskGroup | None = None  # the watches, inside one task
         self._posts: set[_Post] = set()
+        self._saving: set[anyio.Event] = set()  # `generate` calls, from acceptance to saved
         self._closed = False
         self._output_dirs: set[Path] = set()  # checked to take files (`_check_output_dir`)
         self._output_dir_check: anyio.Lock | None = None  # made on the loop, when first used
@@ -413,6 +447,8 @@ class AsyncBFL:
         """Host the background work (watches, `generate_many`) in a task group of its own, so
         that `aclose` cancels that work and never the caller's `async with` body."""
         async with anyio.create_task_group() as background:
+            # Pushes nobody claims are logged when they expire, while their URL still works.
+            background.start_soon(self._early.run, name="bfl-early-events")
             task_status.started(background)
             await anyio.sleep_forever()
 
@@ -436,7 +472,8 @@ class AsyncBFL:
         return await self._tg.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
-        """Wait for submits on their way, then up to `close_grace` s for accepted tasks; close.
+        """Wait for submits on their way, then up to `close_grace` s for accepted tasks (and
+        for `generate` calls to save their images); close.
 
         A task left to a webhook is polled at once and then on the normal schedule: the
         server that hears pushes most likely stops with the client. A task still running
@@ -447,34 +484,47 @@ class AsyncBFL:
             return
         self._closed = True
         with anyio.CancelScope(shield=True):
-            # A submit on its way may come back a paid task: its answer is waited for, however
-            # long (the HTTP read timeout bounds it), before the HTTP client closes under it.
-            while self._posts:
-                await next(iter(self._posts)).done.wait()
-            for watch in self._watches.values():
-                if watch.pushed and watch.event is None:
-                    watch.polling.cancel()
-            with anyio.move_on_after(self._close_grace):
-                for watch in [w for w in self._watches.values() if not w.done.is_set()]:
-                    await watch.done.wait()
-            for watch in self._watches.values():
-                if watch.done.is_set():
-                    continue
-                if watch.journaled:
-                    logger.info(
-                        "task %s is still running; its batch's journal holds it", watch.task.id
-                    )
-                else:
-                    _log_left(watch.task, "the client closed while it was still in flight")
-            self._early.close()  # pushes for tasks it never saw accepted, logged
-            if self._background is not None:
-                self._background.cancel_scope.cancel()
-            if self._owns_http:
-                await self._http.aclose()
-            if self._unsubscribe is not None:
-                self._unsubscribe()
-                self._unsubscribe = None
-                await self._limiter.aclose()
+            try:
+                await self._settle()
+            finally:  # also when cancelled natively (asyncio), which no shield stops: the
+                # watches left running would keep `async with` from ever exiting
+                self._stop()
+                if self._owns_http:
+                    await self._http.aclose()
+                if self._unsubscribe is not None:
+                    self._unsubscribe()
+                    self._unsubscribe = None
+                    await self._limiter.aclose()
+
+    async def _settle(self) -> None:
+        """`aclose`'s waits: for submits on their way, then for the grace."""
+        # A submit on its way may come back a paid task: its answer is waited for, however
+        # long (the HTTP read timeout bounds it), before the HTTP client closes under it.
+        while self._posts:
+            await next(iter(self._posts)).done.wait()
+        for watch in self._watches.values():
+            if watch.pushed and watch.event is None:
+                watch.polling.cancel()
+        with anyio.move_on_after(self._close_grace):
+            for watch in [w for w in self._watches.values() if not w.done.is_set()]:
+                await watch.done.wait()
+            while self._saving:  # `generate` calls downloading what the grace waited for
+                await next(iter(self._saving)).wait()
+
+    def _stop(self) -> None:
+        """Log the tasks still in flight, and stop the background work."""
+        for watch in self._watches.values():
+            # A watch ended with neither was cancelled from outside (a scope around the
+            # `async with` block): its task is as much in flight as a running one's.
+            if watch.result is not None or watch.error is not None:
+                continue
+            if watch.journaled:
+                logger.info("task %s is still running; its batch's journal holds it", watch.task.id)
+            else:
+                _log_left(watch.task, "the client closed while it was still in flight")
+        self._early.close()  # pushes for tasks it never saw accepted, logged
+        if self._background is not None:
+            self._background.cancel_scope.cancel()
 
     def _task_group(self) -> anyio.abc.TaskGroup:
         if self._closed:
@@ -752,7 +802,7 @@ class AsyncBFL:
                 else:
                     watch.result = _terminal(watch.task, answer, 0)
         except Exception as exc:
-            watch.error = exc
+            watch.error, watch.trace = exc, exc.__traceback__
             logger.info("task %s ended: %s", watch.task.id, exc)
         finally:
             if watch.result is None and watch.error is None:
@@ -799,14 +849,14 @@ class AsyncBFL:
                 returned = callback(task)
                 if inspect.isawaitable(returned):
                     await returned
-            except Exception:
+            except Exception as exc:  # the next callback (the one storing it?) still runs
                 logger.exception(
                     "on_submitted failed for task %s; the task is still watched. Its handle: %s",
                     task.id,
                     task.model_dump_json(),
                 )
-                if on_accepted is None:
-                    raise
+                if on_accepted is None and failure is None:
+                    failure = exc
         if failure is not None:
             raise failure
 
@@ -827,6 +877,8 @@ class AsyncBFL:
             result = await client.wait(e.task)  # still running: keep waiting
         ```
         """
+        if timeout is not _UNSET:  # a deadline already passed waits no more: negative is fine
+            _check_seconds(timeout, "timeout", "seconds, or None", negative=True)
         return await self._await(self._attach(task), timeout)
 
     async def _check_output_dir(self, model: str, directory: Path) -> None:
@@ -840,6 +892,8 @@ class AsyncBFL:
         async with self._output_dir_check:
             if directory not in self._output_dirs:
                 await anyio.to_thread.run_sync(check_output_dir, model, directory)
+                if len(self._output_dirs) >= _OUTPUT_DIRS_KEPT:  # a directory per request
+                    self._output_dirs.clear()  # would grow the set for as long as the app runs
                 self._output_dirs.add(directory)
 
     def _attach(self, task: Task) -> _Watch:
@@ -1010,6 +1064,12 @@ class AsyncBFL:
         """
         started = anyio.current_time()
         spec, body = build_request(model, params)
+        if timeout is not _UNSET:
+            try:  # before paying: a task would be paid, then given up at once
+                _check_seconds(timeout, "timeout", "seconds > 0, or None", positive=True)
+            except (TypeError, ValueError):
+                problem = Problem("timeout", f"{timeout!r} is no wait", "seconds > 0, or None")
+                raise ParameterError(spec.name, [problem]) from None
         return await self._generate(
             spec, body, params, Path(output_dir), name, overwrite, timeout, on_submitted, started
         )
@@ -1033,14 +1093,16 @@ class AsyncBFL:
                 raise OutputExistsError(str(existing[0]))
         await self._check_output_dir(spec.name, directory)
         watch, queued, submit = await self._submit(spec.name, spec.pool, body, params, on_submitted)
+        saved = anyio.Event()  # for `aclose`: the grace is for the image, not just the task
+        self._saving.add(saved)
         try:
             result = await self._await(watch, timeout)
             seen = anyio.current_time()
             try:
                 path = await self.download(result, directory, name=name, overwrite=overwrite)
-            except OSError as exc:
-                if isinstance(exc, OutputExistsError):  # kept as `e.kept`
-                    raise
+            except (OutputExistsError, TaskError):  # kept as `e.kept`, or with the result
+                raise
+            except Exception as exc:  # a full disk; the client closed under it (RuntimeError)
                 # The paid image is still at its URL: the caller needs the result to fetch it.
                 raise DownloadError(
                     f"the image of task {result.task.id} could not be saved in {directory} "
@@ -1051,6 +1113,9 @@ class AsyncBFL:
         except anyio.get_cancelled_exc_class():
             _log_left(watch.task, "generate was cancelled before its image was saved")
             raise
+        finally:
+            self._saving.discard(saved)
+            saved.set()
         done = anyio.current_time()
         return GeneratedImage(
             path=path,
@@ -1086,11 +1151,13 @@ class AsyncBFL:
             print(outcome.index, outcome.image.path if outcome.ok else outcome.error)
         ```
         """
+        if timeout is not _UNSET:  # before anything is paid, as each job's would be
+            _check_seconds(timeout, "timeout", "seconds > 0, or None", positive=True)
         tg = self._task_group()
         jobs = list(requests)
         send, receive = anyio.create_memory_object_stream[Outcome](max_buffer_size=math.inf)
         runnable: list[tuple[int, ModelSpec, dict[str, Any], dict[str, Any], str | None]] = []
-        names: set[str] = set()
+        names: dict[str, str] = {}
         for index, job in enumerate(jobs):
             params = dict(job)
             model = params.pop("model", None)
@@ -1110,6 +1177,7 @@ class AsyncBFL:
             params: dict[str, Any],
             name: str | None,
         ) -> None:
+            paid: list[Task] = []
             try:
                 image = await self._generate(
                     spec,
@@ -1119,12 +1187,22 @@ class AsyncBFL:
                     name,
                     overwrite,
                     timeout,
-                    None,
+                    paid.append,
                     anyio.current_time(),
                 )
                 outcome = Outcome(index=index, request=jobs[index], image=image)
             except Exception as exc:
                 outcome = Outcome(index=index, request=jobs[index], error=exc)
+            except anyio.get_cancelled_exc_class():
+                if scope.cancel_called:  # its caller stopped: nobody to tell
+                    raise
+                # The client closed under it: one outcome per job all the same.
+                outcome = Outcome(
+                    index=index, request=jobs[index], error=_cut_short(paid[0] if paid else None)
+                )
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    send.send_nowait(outcome)
+                raise
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 send.send_nowait(outcome)
 

@@ -11,6 +11,7 @@ import base64
 import functools
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeGuard
 
@@ -44,7 +45,14 @@ from ._download import check_file_name, image_suffix
 from ._errors import ParameterError, Problem
 from ._http import is_http_url
 
-__all__ = ["build_job", "build_request", "encode_image", "estimate_cost", "request_model"]
+__all__ = [
+    "build_job",
+    "build_request",
+    "encode_image",
+    "estimate_cost",
+    "file_key",
+    "request_model",
+]
 
 _RATIO = re.compile(r"([0-9]{1,5}):([0-9]{1,5})")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
@@ -381,10 +389,11 @@ def _to_problem(spec: ModelSpec, error: ErrorDetails) -> Problem:
 
 
 def build_job(
-    model: Any, name: Any, params: dict[str, Any], names: set[str]
+    model: Any, name: Any, params: dict[str, Any], names: dict[str, str]
 ) -> tuple[ModelSpec, dict[str, Any]]:
     """`build_request` for one job of a batch, whose optional `name` (its file name) must
-    be a plain string used by no other job in `names`; it is added there."""
+    be a plain string that names no other job's file in `names` (by the key `file_key`
+    gives; it is added there)."""
     if not isinstance(model, str):
         known = ", ".join(sorted(CATALOG))
         if model is None:
@@ -398,9 +407,28 @@ def build_job(
                 model, [Problem("name", f"{name!r} is not a string", "a file name")]
             )
         check_file_name(model, name)
-        if name in names:
+        key = file_key(name)
+        other = names.get(key)
+        if other == name:
             raise ParameterError(
                 model, [Problem("name", f"{name!r} is used twice", "unique names")]
             )
-        names.add(name)
+        if other is not None:
+            raise ParameterError(
+                model,
+                [
+                    Problem(
+                        "name",
+                        f"{name!r} and {other!r} name the same file on Windows and macOS",
+                        "names that differ in more than letter case or accents",
+                    )
+                ],
+            )
+        names[key] = name
     return spec, body
+
+
+def file_key(name: str) -> str:
+    """What a case-insensitive file system (Windows, macOS) or one blind to how accents are
+    encoded (macOS) sees of a file name: two jobs with one key would write one file."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())

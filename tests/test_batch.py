@@ -1250,3 +1250,23 @@ async def test_a_file_that_takes_the_name_while_its_task_runs_is_never_overwritt
         assert again.counts() == {"failed": 1} and again.records[0].path is None
         assert (tmp_path / "fox.jpg").read_bytes() == b"theirs"
     assert fake.submits == 1
+
+
+async def test_part_files_a_killed_download_left_are_removed_once_the_image_is_saved(
+    tmp_path: Path,
+) -> None:
+    fake = FakeBFL(generation_time=0.01)
+    job_list = [{"model": "flux-2-klein-4b", "prompt": "x", "name": "fox"}]
+    assert (await run(fake, tmp_path, job_list)).counts() == {"downloaded": 1}
+    # Killed mid-download: the journal still says `ready`, and the part file stays.
+    with sqlite3.connect(tmp_path / Batch.journal_name) as db:
+        db.execute("UPDATE jobs SET state = 'ready', path = NULL")
+    left = tmp_path / "fox.0123abcd.part"
+    left.write_bytes(b"\x89PNG half an image")
+    others = [tmp_path / "foxy.0123abcd.part", tmp_path / "fox.notours.part"]
+    for path in others:
+        path.write_bytes(b"not ours")
+    again = await run(fake, tmp_path, job_list)
+    assert again.counts() == {"downloaded": 1}
+    assert not left.exists() and all(path.exists() for path in others)
+    assert fake.submits == 1

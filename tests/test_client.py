@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+import traceback
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -1193,6 +1194,25 @@ async def test_generate_many_yields_one_outcome_per_job(
     assert sum(1 for c in mock.calls if c.request.method == "POST") == 3
 
 
+async def test_generate_many_refuses_names_that_are_one_file_on_windows_and_macos(
+    client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted("t1"))
+    mock.get(polling_url("t1")).mock(return_value=ready("t1"))
+    mock.get(DELIVERY).mock(return_value=image())
+    jobs = [
+        {"model": "flux-2-pro", "prompt": "a", "name": "Fox"},
+        {"model": "flux-2-pro", "prompt": "b", "name": "fox"},
+    ]
+    outcomes = sorted(
+        [o async for o in client.generate_many(jobs, output_dir=tmp_path)], key=lambda o: o.index
+    )
+    assert outcomes[0].ok
+    assert isinstance(outcomes[1].error, ParameterError)
+    assert "same file on Windows and macOS" in str(outcomes[1].error)
+    assert sum(1 for c in mock.calls if c.request.method == "POST") == 1  # paid once
+
+
 async def test_breaking_out_of_generate_many_cancels_queued_jobs(
     mock: respx.MockRouter, tmp_path: Path
 ) -> None:
@@ -1282,3 +1302,218 @@ async def test_cancel_during_the_post_keeps_the_answer(
     assert [t.id for t in handles] == ["task-1"]
     assert client.in_flight == handles
     assert client.limiter.in_use() == 1
+
+
+# --- bad waits; clients closed or cancelled mid-operation ------------------------------------
+
+
+@pytest.mark.parametrize("timeout", [math.nan, 0, -1.0, "60", True])
+async def test_a_generate_timeout_that_is_no_wait_is_refused_before_paying(
+    client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path, timeout: Any
+) -> None:
+    # A timeout read from the environment as a string, a deadline computed past: the task
+    # was paid, then lost to a TypeError without its handle, or given up at once.
+    route_task(mock, ready())
+    with pytest.raises(ParameterError) as caught:
+        await client.generate("flux-2-pro", prompt="x", output_dir=tmp_path, timeout=timeout)
+    assert caught.value.fields == ["timeout"]
+    with pytest.raises((TypeError, ValueError), match="timeout must be seconds > 0"):
+        async for _ in client.generate_many(
+            [{"model": "flux-2-pro", "prompt": "x"}], timeout=timeout
+        ):
+            pass
+    assert mock.calls.call_count == 0
+
+
+async def test_wait_names_a_timeout_that_is_no_number_of_seconds(
+    client: AsyncBFL, mock: respx.MockRouter
+) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+    task = await client.submit("flux-2-pro", prompt="x")
+    with pytest.raises(ValueError, match="timeout must be seconds, or None, not nan"):
+        await client.wait(task, timeout=math.nan)
+    with pytest.raises(TypeError, match="timeout must be"):
+        await client.wait(task, timeout="5")  # type: ignore[arg-type]
+    for passed in (0, -1.0):  # a deadline already passed: the task is not finished yet
+        with pytest.raises(WaitTimeoutError):
+            await client.wait(task, timeout=passed)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("close_grace", math.nan, ValueError),
+        ("close_grace", -1.0, ValueError),
+        ("close_grace", "30", TypeError),
+        ("wait_timeout", 0, ValueError),
+        ("wait_timeout", math.nan, ValueError),
+        ("wait_timeout", "600", TypeError),
+    ],
+)
+def test_client_waits_that_are_no_number_of_seconds_are_refused_at_once(
+    option: str, value: Any, error: type[Exception]
+) -> None:
+    # A NaN grace stopped the close half-way: the `async with` exit then waited for ever.
+    with pytest.raises(error, match=f"{option} must be"):
+        AsyncBFL(**{**FAST, option: value})
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_client_cancelled_from_outside_logs_its_paid_tasks(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+    caplog.set_level(logging.WARNING, logger="bfl_async")
+    with anyio.CancelScope() as scope:  # a deadline around the app, a forced shutdown...
+        async with AsyncBFL(**FAST) as client:
+            await client.submit("flux-2-pro", prompt="x")
+            scope.cancel()  # the watches are cancelled with the block, before the close
+            await anyio.sleep_forever()
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "task-1" in warning and "polling_url" in warning
+    assert client.limiter.in_use() == 0
+
+
+async def test_a_failed_task_waited_again_and_again_keeps_a_short_traceback(
+    client: AsyncBFL, mock: respx.MockRouter
+) -> None:
+    # A status route waiting on a moderated task every second: each raise of the one cached
+    # error appended the caller's frames (and kept their locals alive) for 15 minutes.
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=moderated())
+    task = await client.submit("flux-2-pro", prompt="x")
+    depths = []
+    for _ in range(5):
+        with pytest.raises(ModerationError) as caught:
+            await client.wait(task)
+        depths.append(len(traceback.extract_tb(caught.value.__traceback__)))
+    assert depths == depths[:1] * 5
+
+
+async def test_output_dirs_known_to_take_files_are_bounded(
+    client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A directory per request (out/<job id>/) grew the set as long as the app ran.
+    monkeypatch.setattr(bfl_async._client, "_OUTPUT_DIRS_KEPT", 3, raising=False)
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=[accepted(f"t{i}") for i in range(8)])
+    for i in range(8):
+        mock.get(polling_url(f"t{i}")).mock(return_value=ready(f"t{i}"))
+    mock.get(DELIVERY).mock(return_value=image())
+    for i in range(8):
+        image_ = await client.generate("flux-2-pro", prompt="x", output_dir=tmp_path / str(i))
+        assert image_.path.parent == tmp_path / str(i)
+    assert len(client._output_dirs) <= 3
+
+
+async def test_a_failing_client_on_submitted_still_lets_the_calls_own_run(
+    mock: respx.MockRouter,
+) -> None:
+    route_task(mock, ready())
+    stored: list[Task] = []
+
+    def metrics(task: Task) -> None:
+        raise OSError("statsd down")
+
+    async with AsyncBFL(**{**FAST, "on_submitted": metrics}) as client:
+        with pytest.raises(OSError, match="statsd down"):
+            await client.submit("flux-2-pro", prompt="x", on_submitted=stored.append)
+        assert [t.id for t in stored] == ["task-1"]  # the call's own callback stored it
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_generate_many_cut_short_by_the_close_gives_each_job_its_outcome(
+    mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    # A shutdown closing the client under a route streaming generate_many: the stream just
+    # ended, as if every job had been reported.
+    mock.post(f"{API}/v1/flux-2-pro").mock(side_effect=[accepted(f"t{i}") for i in range(3)])
+    mock.get(polling_url("t0")).mock(return_value=ready("t0"))
+    for i in (1, 2):
+        mock.get(polling_url(f"t{i}")).mock(return_value=poll_answer("Pending", f"t{i}"))
+    mock.get(DELIVERY).mock(return_value=image())
+    jobs = [{"model": "flux-2-pro", "prompt": str(i)} for i in range(3)]
+    outcomes = []
+    async with (
+        AsyncBFL(**{**FAST, "close_grace": 0.0}) as client,
+        anyio.create_task_group() as tg,
+    ):
+        async for outcome in client.generate_many(jobs, output_dir=tmp_path):
+            outcomes.append(outcome)
+            if outcome.ok:
+                tg.start_soon(client.aclose)
+    assert sorted(o.index for o in outcomes) == [0, 1, 2]
+    cut = [o.error for o in outcomes if not o.ok]
+    assert all(isinstance(e, WaitTimeoutError) for e in cut)
+    assert sorted(e.task.id for e in cut if isinstance(e, WaitTimeoutError)) == ["t1", "t2"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_close_grace_lets_a_generate_save_its_image(
+    mock: respx.MockRouter, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The close waited for the task, then closed the connections under its download: a
+    # RuntimeError without the result, and no line logged, for a paid image.
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(side_effect=[poll_answer("Pending")] * 3 + [ready()])
+    mock.get(DELIVERY).mock(return_value=image())
+    caplog.set_level(logging.WARNING, logger="bfl_async")
+    images = []
+    async with AsyncBFL(**FAST) as client, anyio.create_task_group() as tg:
+        submitted = anyio.Event()
+
+        async def generate() -> None:
+            images.append(
+                await client.generate(
+                    "flux-2-pro",
+                    prompt="x",
+                    output_dir=tmp_path,
+                    on_submitted=lambda t: submitted.set(),
+                )
+            )
+
+        tg.start_soon(generate)
+        await submitted.wait()
+        await client.aclose()  # a shutdown while the task runs, within its grace
+    assert [i.path for i in images] == [tmp_path / "task-1.png"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_an_unexpected_download_failure_leaves_the_result_with_the_error(
+    client: AsyncBFL, mock: respx.MockRouter, tmp_path: Path
+) -> None:
+    route_task(mock, ready())
+    mock.get(DELIVERY).mock(side_effect=RuntimeError("the connections were closed"))
+    with pytest.raises(DownloadError, match="connections were closed") as caught:
+        await client.generate("flux-2-pro", prompt="x", output_dir=tmp_path)
+    assert caught.value.result is not None and caught.value.task.id == "task-1"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_close_cancelled_natively_still_stops_and_logs(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A forced shutdown cancels the task closing the client (asyncio, past anyio's shield):
+    # the close stopped half-way, its watches running, and `async with` never exited.
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+    caplog.set_level(logging.WARNING, logger="bfl_async")
+    client = AsyncBFL(**{**FAST, "close_grace": math.inf})
+
+    async def app() -> None:
+        async with client:
+            await client.submit("flux-2-pro", prompt="x")
+
+    running = asyncio.ensure_future(app())
+    while not client._closed:  # then the close is waiting for the task, for ever
+        await asyncio.sleep(0)
+    running.cancel()
+    done, _ = await asyncio.wait([running], timeout=5)  # at once (5 s: for a failure only)
+    if not done:
+        running.cancel()
+        await asyncio.wait([running])
+    assert done and running.cancelled()
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "task-1" in warning and "polling_url" in warning
+    assert client.in_flight == [] and client.limiter.in_use() == 0

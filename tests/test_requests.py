@@ -682,7 +682,7 @@ def test_a_webhook_secret_of_the_wrong_type_is_named_not_shown(secret: Any) -> N
 
 def test_a_job_without_a_model_says_missing_and_lists_the_models() -> None:
     with pytest.raises(ParameterError) as info:
-        build_job(None, None, {"prompt": "x"}, set())
+        build_job(None, None, {"prompt": "x"}, {})
     assert "None" not in str(info.value)
     [problem] = info.value.problems
     assert (problem.field, problem.message) == ("model", "missing")
@@ -692,8 +692,22 @@ def test_a_job_without_a_model_says_missing_and_lists_the_models() -> None:
 @pytest.mark.parametrize("model", [["flux-2-pro"], 7, True])
 def test_a_job_whose_model_is_no_string_says_so(model: Any) -> None:
     with pytest.raises(ParameterError) as info:
-        build_job(model, None, {"prompt": "x"}, set())
+        build_job(model, None, {"prompt": "x"}, {})
     [problem] = info.value.problems
     assert problem.field == "model"
     assert problem.message.startswith(f"must be a string, got {type(model).__name__}")
     assert problem.allowed == ", ".join(sorted(CATALOG))
+
+
+def test_job_names_that_one_file_system_takes_for_one_file_are_refused() -> None:
+    # generate_many and batch alike: "Fox" and "fox" (or "café" composed and decomposed)
+    # are one file on Windows and macOS, so both jobs would be paid and one image lost.
+    names: dict[str, str] = {}
+    for name in ("Fox", "caf\u00e9", "wolf"):
+        build_job("flux-2-pro", name, {"prompt": "x"}, names)
+    for name, other in (("fox", "Fox"), ("cafe\u0301", "caf\u00e9"), ("WOLF", "wolf")):
+        with pytest.raises(ParameterError, match="same file on Windows and macOS") as info:
+            build_job("flux-2-pro", name, {"prompt": "x"}, names)
+        assert repr(other) in str(info.value)
+    with pytest.raises(ParameterError, match="'wolf' is used twice"):
+        build_job("flux-2-pro", "wolf", {"prompt": "x"}, names)

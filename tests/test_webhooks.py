@@ -386,6 +386,26 @@ async def test_run_logs_an_unclaimed_event_when_it_expires_not_when_the_next_com
     assert "paid-7" in second.getMessage() and url_of(paid) in second.getMessage()
 
 
+@BOTH
+@pytest.mark.anyio
+async def test_a_client_logs_a_push_nobody_claims_when_it_expires(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bfl_async")
+    async with AsyncBFL(
+        api_key=KEY, webhook_url="https://app.example/bfl/webhook", webhook_secret=SECRET
+    ) as client:
+        client._early.ttl = 0.05
+        body = payload("nobody-waits")
+        client.handle_webhook(body, sign_webhook(body, SECRET))
+        with anyio.fail_after(5):
+            while len(client._early):  # no other event, watch or close comes to expire it
+                await anyio.sleep(0.01)
+        [logged] = [r for r in caplog.records if "nobody-waits" in r.getMessage()]
+        assert logged.levelno == logging.WARNING and "expired" in logged.getMessage()
+        assert json.loads(body)["result"]["sample"] in logged.getMessage()
+
+
 # -- the client, against respx -------------------------------------------------------------
 
 
