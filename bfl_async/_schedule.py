@@ -25,6 +25,7 @@ _GRID = 400
 _SEARCH_STEPS = 10
 _SIGMA_STEP = 0.05
 _NEWTON_STEPS = 12
+_HALVINGS = 20  # of a Newton step that overshot
 _LEARNING = 8  # tasks seen before the plan stops exploring
 _EXPLORE = 2.0  # extra polls per task while learning
 _Z995 = 2.5758  # the standard normal's 99.5 % quantile
@@ -207,8 +208,8 @@ class _Model:
         """Move (mu, sigma) to the most likely values, by Newton steps on the log-likelihood."""
         x = [self.mu, math.log(self.sigma)]
         h = 1e-4
+        f = self._log_likelihood(x[0], x[1], prior_weight)
         for _ in range(_NEWTON_STEPS):
-            f = self._log_likelihood(x[0], x[1], prior_weight)
             grad, hess = [0.0, 0.0], [[0.0, 0.0], [0.0, 0.0]]
             for a in range(2):
                 up, down = list(x), list(x)
@@ -235,7 +236,17 @@ class _Model:
                     -(-hess[1][0] * grad[0] + hess[0][0] * grad[1]) / det,
                 ]
             move = [max(-0.5, min(0.5, m)) for m in move]
-            x = [x[0] + move[0], max(math.log(0.05), min(math.log(3.0), x[1] + move[1]))]
+            # A step that lowers the likelihood overshot the top (where the data are narrow,
+            # Newton's steps can swing between two points forever): it is halved until not.
+            for _ in range(_HALVINGS):
+                step = [x[0] + move[0], max(math.log(0.05), min(math.log(3.0), x[1] + move[1]))]
+                after = self._log_likelihood(step[0], step[1], prior_weight)
+                if after >= f - 0.1:
+                    break
+                move = [0.5 * move[0], 0.5 * move[1]]
+            else:
+                break  # no step up from here
+            x, f = step, after
             if abs(move[0]) + abs(move[1]) < 1e-4:
                 break
         self.mu, self.sigma = x[0], math.exp(x[1])

@@ -71,6 +71,18 @@ def test_it_learns_where_tasks_finish() -> None:
     assert all(0.05 <= g <= 1.5 for g in gaps)
 
 
+@pytest.mark.parametrize(("median", "sigma"), [(4.0, 0.1), (20.0, 0.1), (4.0, 0.03)])
+def test_it_learns_a_narrow_distribution(median: float, sigma: float) -> None:
+    # Tasks that all take about as long (the 20 MiB benchmark's): Newton's steps swung
+    # between two points, and the plan stayed the prior's (a median of 5 s, spread 0.39).
+    schedule = LearnedSchedule()
+    teach(schedule, "flux-2-pro", median=median, sigma=sigma, n=48)
+    model = schedule._models["flux-2-pro"]
+    model.fit(2.0)
+    assert model.scale == pytest.approx(median, rel=0.05)
+    assert model.sigma < 2 * sigma + 0.05
+
+
 def test_a_lognormal_policy_scales_with_the_median() -> None:
     schedule = LearnedSchedule()
     teach(schedule, "flux-2-pro", median=2.0, sigma=0.3, n=64)
