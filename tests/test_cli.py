@@ -528,8 +528,9 @@ def test_wait_without_a_key_says_so_and_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_an_empty_key_counts_as_none() -> None:
-    result = bfl("credits", env={"BFL_API_KEY": ""})
+@pytest.mark.parametrize("key", ["", "  ", "\n"])
+def test_an_empty_key_counts_as_none(key: str) -> None:
+    result = bfl("credits", env={"BFL_API_KEY": key})
     assert result.exit_code == 2 and "BFL_API_KEY is not set" in result.stderr
 
 

@@ -184,7 +184,7 @@ def _connection(
     fake: bool,
 ) -> Connection:
     return Connection(
-        api_key=api_key or None,
+        api_key=api_key if api_key and api_key.strip() else None,  # blank: no key at all
         base_url=base_url or None,
         region=_REGIONS[region],
         concurrency=concurrency,
