@@ -237,6 +237,12 @@ def _check_webhook(url: str | None, secret: str | None) -> str | None:
         raise TypeError("webhook_url and webhook_secret must be str")
     if not url or not secret:
         raise ValueError("give webhook_url and webhook_secret together, both non-empty")
+    if secret != secret.strip() or not (secret.isascii() and secret.isprintable()):
+        # BFL may echo it in a header (X-Webhook-Secret), which would never match.
+        raise ValueError(
+            "webhook_secret must be printable ASCII with no spaces around it (a secret read "
+            "from a file ends with a newline)"
+        )
     if not is_http_url(url):
         raise ValueError("webhook_url must be an absolute http(s) URL")
     return url
@@ -399,6 +405,8 @@ class AsyncBFL:
         """Where BFL pushes the end of the tasks this client submits (None: polling only)."""
         self._webhook_secret = webhook_secret
         self._slowed = Slowed(self._schedule)
+        self._pushes_heard = False  # any verified delivery, or one another worker relayed
+        self._told_no_pushes = False
         self._early = EarlyEvents()
         self._poll_budget = self._limiter.poll_budget(poll_rate) if poll_rate is not None else None
         self._wait_timeout = wait_timeout
@@ -788,6 +796,8 @@ class AsyncBFL:
             with watch.polling:  # cancelled by a webhook event (`deliver`) or by `aclose`
                 first = FirstNow(self._schedule) if watch.resumed else None
                 watch.result = await self._poll(watch, self._slowed if watch.pushed else first)
+                if watch.pushed and not self._pushes_heard:
+                    self._no_pushes(watch.task)
             if watch.result is None and watch.event is None:
                 # The client closes, and with it most likely the server that hears pushes:
                 # a task left to them is polled at once, then on the normal schedule.
@@ -797,9 +807,13 @@ class AsyncBFL:
             if watch.result is None and watch.event is not None:
                 answer = poll_answer(watch.event)
                 if answer["status"] == "Ready" and not has_sample(answer):
-                    # The push said Ready without saying where the image is: ask now.
-                    watch.result = await self._poll(watch, FirstNow(self._schedule))
-                else:
+                    # The push said Ready without saying where the image is: ask now, until
+                    # a poll or another push (`_deliver` ends this) says where.
+                    watch.polling = anyio.CancelScope()
+                    with watch.polling:
+                        watch.result = await self._poll(watch, FirstNow(self._schedule))
+                    answer = poll_answer(watch.event)
+                if watch.result is None:
                     watch.result = _terminal(watch.task, answer, 0)
         except Exception as exc:
             watch.error, watch.trace = exc, exc.__traceback__
@@ -812,6 +826,21 @@ class AsyncBFL:
             watch.finished_at = anyio.current_time()
             self._finished.append(watch)
             watch.done.set()
+
+    def _no_pushes(self, task: Task) -> None:
+        """Say once that a task left to webhooks was found done by polling, with no delivery
+        heard at all: a webhook URL BFL cannot reach (a typo, a route not mounted, a
+        firewall) otherwise shows only as results 10 times slower."""
+        if self._told_no_pushes:
+            return
+        self._told_no_pushes = True
+        logger.warning(
+            "task %s ended without a webhook: none has reached this client since it started. "
+            "Check that BFL can reach %s and that its route hands deliveries to the client "
+            "(handle_webhook); until then, tasks are found by polls 10 times slower",
+            task.id,
+            self.webhook_url,
+        )
 
     async def _poll(self, watch: _Watch, schedule: PollSchedule | None) -> Result:
         return await watch_task(
@@ -965,6 +994,7 @@ class AsyncBFL:
         return self._deliver(event, relayed=True)
 
     def _deliver(self, event: WebhookEvent, *, relayed: bool) -> bool:
+        self._pushes_heard = True
         if not event.terminal:
             return False
         watch = self._watches.get(event.task_id)
@@ -978,8 +1008,12 @@ class AsyncBFL:
             watch.error = None
             watch.result = _terminal(watch.task, poll_answer(event), 0)
             return True
-        if watch.done.is_set() or watch.event is not None:
+        if watch.done.is_set():
             return False
+        if watch.event is not None and (
+            has_sample(poll_answer(watch.event)) or not has_sample(poll_answer(event))
+        ):
+            return False  # a copy, or no better than the push that ended the watch
         self._resolve(watch, event)
         return True
 

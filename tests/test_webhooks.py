@@ -437,6 +437,10 @@ def test_webhook_options_are_checked_and_the_secret_never_shows() -> None:
         AsyncBFL(api_key=KEY, webhook_secret=SECRET)
     with pytest.raises(ValueError, match="together"):
         AsyncBFL(api_key=KEY, webhook_url=HOOK, webhook_secret="")
+    for bad in (SECRET + "\n", " " + SECRET, SECRET + "-\u00e9t\u00e9"):  # never echoed intact
+        with pytest.raises(ValueError, match="printable ASCII") as caught:
+            AsyncBFL(api_key=KEY, webhook_url=HOOK, webhook_secret=bad)
+        assert SECRET not in str(caught.value)
     with pytest.raises(ValueError, match="absolute http"):
         AsyncBFL(api_key=KEY, webhook_url="ftp://x.test/hook", webhook_secret=SECRET)
     with pytest.raises(ValueError, match="absolute http"):
@@ -580,6 +584,52 @@ async def test_a_pushed_ready_without_result_is_polled_at_once(mock: respx.MockR
         client.deliver(event(status="SUCCESS", result=None))
         result = await client.wait(task, timeout=5.0)
     assert result.seed == 11 and poll.call_count == 1
+
+
+@BOTH
+@pytest.mark.anyio
+async def test_a_push_that_says_where_the_image_is_ends_the_polls_a_push_without_began(
+    mock: respx.MockRouter,
+) -> None:
+    # The polling host lags (still Pending) after a push said Ready without its URL; the
+    # next push carries it: it must not be dropped as a copy, the only URL there may be.
+    mock.post(f"{API}/v1/flux-2-pro").mock(return_value=accepted())
+    poll = mock.get(polling_url("task-1")).mock(return_value=poll_answer("Pending"))
+    async with hooked() as client:
+        task = await client.submit("flux-2-pro", prompt="a fox")
+        assert client.deliver(event(status="SUCCESS", result=None)) is True
+        with anyio.fail_after(5):
+            while not poll.call_count:  # polled at once for the URL
+                await anyio.sleep(0.01)
+        assert client.deliver(event(result={"sample": signed_url(), "seed": 3})) is True
+        with anyio.fail_after(5):
+            result = await client.wait(task)
+        assert client.deliver(event(result={"sample": signed_url(), "seed": 4})) is False
+    assert result.seed == 3 and result.sample.startswith("https://delivery-eu1.bfl.ai/")
+
+
+@pytest.mark.anyio
+async def test_tasks_found_by_polls_with_no_push_ever_heard_are_warned_of_once(
+    mock: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A webhook URL BFL cannot reach shows only as results ten times slower: say so.
+    fast = Backoff(initial=0.01, factor=1.0, maximum=0.01, jitter=0.0)  # slowed: 0.1 s
+    mock.post(f"{API}/v1/flux-2-pro").mock(
+        side_effect=[accepted("t1"), accepted("t2"), accepted("t3")]
+    )
+    for n in (1, 2, 3):
+        mock.get(polling_url(f"t{n}")).mock(return_value=ready(f"t{n}"))
+    async with hooked(poll_schedule=fast) as client:
+        for _ in (1, 2):
+            await client.wait(await client.submit("flux-2-pro", prompt="a fox"), timeout=5)
+    warned = [r for r in caplog.records if "none has reached this client" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert HOOK in warned[0].getMessage() and SECRET not in caplog.text
+    caplog.clear()
+    async with hooked(poll_schedule=fast) as client:
+        client.deliver(event("someone-else"))  # one push heard: the URL works
+        await client.wait(await client.submit("flux-2-pro", prompt="a fox"), timeout=5)
+    assert "none has reached this client" not in caplog.text
 
 
 @BOTH
