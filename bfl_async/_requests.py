@@ -50,7 +50,6 @@ __all__ = [
     "build_request",
     "encode_image",
     "estimate_cost",
-    "file_key",
     "request_model",
 ]
 
@@ -392,7 +391,7 @@ def build_job(
     model: Any, name: Any, params: dict[str, Any], names: dict[str, str]
 ) -> tuple[ModelSpec, dict[str, Any]]:
     """`build_request` for one job of a batch, whose optional `name` (its file name) must
-    be a plain string that names no other job's file in `names` (by the key `file_key`
+    be a plain string that names no other job's file in `names` (by the key `_file_key`
     gives; it is added there)."""
     if not isinstance(model, str):
         known = ", ".join(sorted(CATALOG))
@@ -407,7 +406,7 @@ def build_job(
                 model, [Problem("name", f"{name!r} is not a string", "a file name")]
             )
         check_file_name(model, name)
-        key = file_key(name)
+        key = _file_key(name)
         other = names.get(key)
         if other == name:
             raise ParameterError(
@@ -428,7 +427,7 @@ def build_job(
     return spec, body
 
 
-def file_key(name: str) -> str:
+def _file_key(name: str) -> str:
     """What a case-insensitive file system (Windows, macOS) or one blind to how accents are
     encoded (macOS) sees of a file name: two jobs with one key would write one file."""
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
