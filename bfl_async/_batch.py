@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import glob
 import hashlib
 import ipaddress
 import json
@@ -31,7 +30,7 @@ import httpx
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ._catalog import SECRET_PARAMS, ModelSpec, price
-from ._download import saved_as, url_expiry
+from ._download import parts_of, saved_as, url_expiry
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -58,7 +57,6 @@ logger = logging.getLogger("bfl_async")
 
 MANIFEST_NAME = "manifest.json"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-_PART = re.compile(r"\.[0-9a-f]{8}\.part")  # what `Downloader.to_directory` adds to a name
 # Task errors that end a job for good: the task is paid and nothing more will come of it.
 _FINAL_TASK_ERRORS = (ModerationError, GenerationError, TaskNotFoundError)
 
@@ -815,11 +813,9 @@ class Batch:
         image's size each): nothing else would ever remove them."""
         if not job.was_ready:
             return
-        name = self._file_name(job, task)
-        for path in self.output_dir.glob(f"{glob.escape(name)}.*.part"):
-            if _PART.fullmatch(path.name[len(name) :]):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+        for path in parts_of(self.output_dir, self._file_name(job, task)):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     @staticmethod
     def _file_name(job: _Job, task: Task) -> str:

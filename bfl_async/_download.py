@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import glob
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -43,6 +45,7 @@ __all__ = [
     "check_file_name",
     "check_output_dir",
     "image_suffix",
+    "parts_of",
     "saved_as",
 ]
 
@@ -51,6 +54,8 @@ logger = logging.getLogger("bfl_async")
 IMAGE_SUFFIXES = (".png", ".jpg", ".webp")
 DEFAULT_MAX_BYTES = 64 << 20
 _PEEK = 12
+_PART_BYTES = 4  # random bytes in a part file's name, as hex digits
+_PART = re.compile(rf"\.[0-9a-f]{{{2 * _PART_BYTES}}}\.part")
 _TAIL = 32  # enough to find an image's end marker (PNG's IEND, JPEG's EOI)
 _WRITE_BLOCK = 64 * 1024
 _WINDOWS = os.name == "nt"
@@ -116,6 +121,18 @@ def _iso_time(value: str) -> float | None:
 def saved_as(directory: Path, name: str) -> list[Path]:
     """The images already saved as `name` in `directory`, whatever their suffix."""
     return [path for suffix in IMAGE_SUFFIXES if (path := directory / f"{name}{suffix}").exists()]
+
+
+def _part_of(directory: Path, name: str) -> Path:
+    """A file of its own for one download of `name`: two downloads to one name (gathered,
+    last one wins) must not write into each other's file."""
+    return directory / f"{name}.{secrets.token_hex(_PART_BYTES)}.part"
+
+
+def parts_of(directory: Path, name: str) -> list[Path]:
+    """The part files downloads of `name` left in `directory` (`_part_of`'s names)."""
+    found = directory.glob(f"{glob.escape(name)}.*.part")
+    return [path for path in found if _PART.fullmatch(path.name[len(name) :])]
 
 
 def check_file_name(model: str, name: str) -> None:
@@ -412,9 +429,7 @@ class Downloader:
     async def _place(
         self, result: Result, directory: Path, name: str, *, overwrite: bool, durable: bool
     ) -> Path:
-        # A name of its own: two downloads to one name (gathered, last one wins) must not
-        # write into each other's file.
-        part = directory / f"{name}.{secrets.token_hex(4)}.part"
+        part = _part_of(directory, name)
         for attempt in range(1, self._attempts + 1):
             head = b""
             # Written in blocks, each in one trip to a worker thread (the first one opens
